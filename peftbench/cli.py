@@ -1,0 +1,140 @@
+"""Command line: ``peftbench run|validate|plugins|methods``.
+
+Problems the user can fix (PeftbenchError) print as one line and exit with code 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from peftbench import __version__
+from peftbench.console import console
+from peftbench.errors import PeftbenchError
+
+EXIT_USAGE = 2
+
+
+def _cmd_run(args) -> int:
+    from peftbench.recipe import load_recipe
+    from peftbench.runner import run_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    run_recipe(recipe, Path(args.output_dir) if args.output_dir else None, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from peftbench.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    console.print(f"[green]ok[/] {args.recipe}: dataset {recipe.dataset.name}, method {recipe.method.name}, "
+                  f"trainer {recipe.trainer.name}, exporters {', '.join(p.name for p, _ in recipe.exporters) or 'none'}")
+    return 0
+
+
+def _cmd_plugins(args) -> int:
+    from rich.table import Table
+
+    from peftbench.plugins import get_host
+
+    host = get_host()
+    table = Table(title="peftbench plugins")
+    for col in ("kind", "name", "from plugin", "version"):
+        table.add_column(col)
+    for registry in (host.datasets, host.methods, host.trainers, host.exporters):
+        for name, _ in registry.items():
+            origin = registry.origin(name)
+            table.add_row(registry.kind, name, origin, _plugin_version(origin))
+    console.print(table)
+    hooks = Table(title="hooks")
+    hooks.add_column("plugin")
+    hooks.add_column("implements")
+    for plugin_name, plugin in host.pm.list_name_plugin():
+        impls = [h.name for h in host.pm.get_hookcallers(plugin) or []]
+        hooks.add_row(plugin_name, ", ".join(sorted(impls)))
+    console.print(hooks)
+    return 0
+
+
+def _plugin_version(module_name: str) -> str:
+    from importlib import metadata
+
+    top = module_name.split(".")[0]
+    if top == "peftbench_plugins":
+        return f"peftbench {__version__}"
+    for dist in metadata.distributions():
+        if top in (dist.read_text("top_level.txt") or "").split() or dist.metadata["Name"].replace("-", "_") == top:
+            return f"{dist.metadata['Name']} {dist.version}"
+    return "?"
+
+
+def _cmd_methods(args) -> int:
+    from rich.table import Table
+
+    from peftbench.plugins import get_host
+
+    host = get_host()
+    for name, method in host.methods.items():
+        caps = method.capabilities
+        flags = [k for k, v in caps.as_dict().items() if v is True]
+        table = Table(title=f"{name}: {', '.join(flags) or 'no capabilities'}" + (f" ({caps.notes})" if caps.notes else ""),
+                      title_justify="left")
+        for col in ("option", "default", "help"):
+            table.add_column(col)
+        for field_name, field in method.Options.model_fields.items():
+            default = field.default if field.default_factory is None else field.default_factory()
+            table.add_row(field_name, repr(default), field.description or "")
+        console.print(table)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peftbench",
+        description="Fine-tune chat LLMs with parameter-efficient methods and compare them honestly.",
+    )
+    parser.add_argument("--version", action="version", version=f"peftbench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run a recipe: data, baseline, train, evaluate, export, report",
+                         description="Run a recipe end to end. Any recipe value can be overridden as key.sub=value.")
+    run.add_argument("recipe", help="YAML recipe, e.g. recipes/quickstart.yaml")
+    run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides, e.g. method.r=16 trainer.epochs=2")
+    run.add_argument("--output-dir", help="run directory (default: the recipe's output_dir, else runs/<recipe name>)")
+    run.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.set_defaults(func=_cmd_run)
+
+    validate = sub.add_parser("validate", help="check a recipe (keys, types, plugins, files) without running it")
+    validate.add_argument("recipe")
+    validate.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    validate.set_defaults(func=_cmd_validate)
+
+    plugins = sub.add_parser("plugins", help="list installed plugins, what they register, their hooks and versions")
+    plugins.set_defaults(func=_cmd_plugins)
+
+    methods = sub.add_parser("methods", help="list fine-tuning methods with their capabilities and options")
+    methods.set_defaults(func=_cmd_methods)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    try:
+        return args.func(args)
+    except PeftbenchError as e:
+        console.print(f"[bold red]error:[/] {e.problem}" + (f" [bold]Fix:[/] {e.fix}" if e.fix else ""), soft_wrap=True)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        console.print("[red]interrupted[/] (resume with --resume)")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

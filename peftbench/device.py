@@ -1,0 +1,95 @@
+"""Device and precision policy: what the recipe asked for, what this machine can do, and one log
+line for each substitution."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass
+class DevicePolicy:
+    device: str  # "cuda", "mps" or "cpu"
+    compute_dtype: torch.dtype
+    substitutions: list[str] = field(default_factory=list)
+
+    @property
+    def dtype_name(self) -> str:
+        return str(self.compute_dtype).removeprefix("torch.")
+
+    def optimizer(self, requested: str) -> str:
+        """The Trainer ``optim`` to use. bitsandbytes' paged and 8-bit optimizers need a GPU."""
+        if ("8bit" in requested or "paged" in requested) and not (self.device == "cuda" and bitsandbytes_available()):
+            why = "no CUDA GPU" if self.device != "cuda" else "bitsandbytes is not installed"
+            self.note(f"optimizer {requested} -> adamw_torch: {why} for bitsandbytes' paged 8-bit optimizers")
+            return "adamw_torch"
+        return requested
+
+    def note(self, line: str) -> None:
+        if line not in self.substitutions:
+            self.substitutions.append(line)
+            from peftbench.console import console
+
+            console.print(f"[yellow]policy:[/] {line}")
+
+
+def bitsandbytes_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("bitsandbytes") is not None
+
+
+def detect_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def resolve_policy(requested_dtype: str = "auto") -> DevicePolicy:
+    device = detect_device()
+    policy = DevicePolicy(device=device, compute_dtype=torch.float32)
+    if device == "cuda":
+        best = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        wanted = best if requested_dtype == "auto" else _DTYPES[requested_dtype]
+        if wanted == torch.bfloat16 and best != torch.bfloat16:
+            policy.note("compute dtype bfloat16 -> float16: this GPU has no bf16 support")
+            wanted = torch.float16
+        policy.compute_dtype = wanted
+    else:
+        # On CPUs bf16/fp16 matmuls are emulated and tens of times slower than fp32.
+        if requested_dtype in ("bfloat16", "float16"):
+            policy.note(f"compute dtype {requested_dtype} -> float32: half-precision matmuls are slow on {device}")
+        policy.compute_dtype = torch.float32
+    return policy
+
+
+def resolve_compute_dtype(policy: DevicePolicy, requested: str) -> torch.dtype:
+    """A dtype a plugin asked for (e.g. QLoRA's bnb_4bit_compute_dtype), squared with the device."""
+    if requested == "auto":
+        return policy.compute_dtype
+    wanted = _DTYPES[requested]
+    if wanted != policy.compute_dtype and (policy.device != "cuda" or wanted == torch.bfloat16 and policy.compute_dtype == torch.float16):
+        policy.note(f"{requested} compute -> {policy.dtype_name} on {policy.device}")
+        return policy.compute_dtype
+    return wanted
+
+
+def peak_memory_bytes(device: str) -> int | None:
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated()
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    except Exception:  # pragma: no cover - non-POSIX
+        return None
+
+
+def reset_peak_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()

@@ -1,0 +1,14 @@
+"""The one error type users see: a problem and its fix, printed as one line by the CLI."""
+
+
+class PeftbenchError(Exception):
+    """A problem the user can fix. The CLI prints it without a traceback and exits with code 2."""
+
+    def __init__(self, problem: str, fix: str | None = None):
+        self.problem = problem
+        self.fix = fix
+        super().__init__(f"{problem} Fix: {fix}" if fix else problem)
+
+
+class StageRefused(PeftbenchError):
+    """A stage declines to run for this configuration (e.g. GGUF export of a non-mergeable method)."""

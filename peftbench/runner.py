@@ -1,0 +1,193 @@
+"""The pipeline: data, baseline evaluation, method, training, adapter, evaluation, exports, record.
+
+Each stage's status, time and error go into run.json as soon as the stage ends, so a crash or a
+kill leaves a truthful record, and a failing export never takes the adapter or the scores with it.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from peftbench.console import console
+from peftbench.context import RunContext
+from peftbench.device import resolve_policy
+from peftbench.errors import PeftbenchError
+from peftbench.evaluation import evaluate_model
+from peftbench.modeling import load_tokenizer, resolve_model_source
+from peftbench.recipe import ResolvedRecipe
+from peftbench.records import atomic_write_json, atomic_write_text, dir_size, new_record, package_versions, read_json, system_info
+from peftbench.report import render_run_report, print_run_summary
+
+
+def default_run_dir(recipe: ResolvedRecipe) -> Path:
+    return Path(recipe.recipe.output_dir or Path("runs") / Path(recipe.source).stem)
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
+    """A run gets its own directory; a finished run is never overwritten by accident."""
+    record_path = run_dir / "run.json"
+    if run_dir.exists() and any(run_dir.iterdir()):
+        status = read_json(record_path)["run_info"]["status"] if record_path.is_file() else "unknown"
+        if overwrite:
+            shutil.rmtree(run_dir)
+        elif resume:
+            if status == "success":
+                raise PeftbenchError(f"run '{run_dir}' already finished.", "use --overwrite to run it again, or --output-dir for a new run.")
+        else:
+            what = "holds a finished run" if status == "success" else f"holds an unfinished run ({status})"
+            raise PeftbenchError(
+                f"output directory '{run_dir}' {what}.",
+                "pass --resume to continue it, --overwrite to replace it, or --output-dir DIR for a new run.",
+            )
+    run_dir.mkdir(parents=True, exist_ok=True)
+
+
+class Run:
+    def __init__(self, recipe: ResolvedRecipe, run_dir: Path, resume: bool = False):
+        self.recipe = recipe
+        self.run_dir = run_dir
+        self.resume = resume
+        self.record = new_record(recipe.resolved_dict(), experiment_name=run_dir.name)
+        self.started = time.perf_counter()
+
+    def save_record(self) -> None:
+        self.record["run_info"]["total_time"] = round(time.perf_counter() - self.started, 2)
+        atomic_write_json(self.run_dir / "run.json", self.record)
+
+    @contextmanager
+    def stage(self, name: str, *, fatal: bool = True):
+        console.rule(f"[bold]{name}")
+        entry = self.record["run_info"]["stages"].setdefault(name, {})
+        entry.update(status="running", error=None)
+        start = time.perf_counter()
+        try:
+            yield entry
+        except BaseException as e:
+            entry.update(status="failed", error=f"{type(e).__name__}: {e}", seconds=round(time.perf_counter() - start, 2))
+            if fatal or not isinstance(e, Exception):
+                self.record["run_info"]["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                self.record["run_info"]["error_msg"] = entry["error"]
+                self.save_record()
+                raise
+            console.print(f"[red]stage {name} failed:[/] {entry['error']} (the run goes on)")
+        else:
+            if entry["status"] == "running":
+                entry["status"] = "success"
+            entry["seconds"] = round(time.perf_counter() - start, 2)
+        self.save_record()
+
+
+def evaluate_with_progress(label: str, model, tokenizer, recipe: ResolvedRecipe, split):
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task(label, total=len(split))
+        return evaluate_model(model, tokenizer, recipe.recipe.prompt, split, recipe.recipe.evaluation,
+                              progress=lambda n: progress.advance(task, n))
+
+
+def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run one recipe end to end; returns the run record (also written to run_dir/run.json)."""
+    r = recipe.recipe
+    run_dir = Path(run_dir or default_run_dir(recipe))
+    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
+    run = Run(recipe, run_dir, resume=resume)
+    record = run.record
+    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
+
+    policy = resolve_policy(r.model.dtype)
+    ctx = RunContext(recipe=recipe, run_dir=run_dir, policy=policy, model_source="", resume=resume, record=record)
+    record["meta_info"] = {"model_id": r.model.name, "package_info": package_versions(), "system_info": system_info(policy),
+                           "policy_substitutions": policy.substitutions}
+
+    with run.stage("data") as st:
+        data = recipe.dataset.load(recipe.dataset_options, r.seed)
+        eval_split_name = r.evaluation.split if r.evaluation.split in data.splits else "validation"
+        if eval_split_name != r.evaluation.split:
+            policy.note(f"evaluation split {r.evaluation.split} -> validation: the dataset has no {r.evaluation.split} split")
+        eval_split = data.splits[eval_split_name]
+        if r.evaluation.max_samples:
+            eval_split = eval_split.select(range(min(r.evaluation.max_samples, len(eval_split))))
+        record["meta_info"]["dataset_info"] = {"name": recipe.dataset.name, **data.stats, "eval_split": eval_split_name,
+                                               "eval_rows": len(eval_split)}
+        st["rows"] = data.stats.get("rows")
+
+    with run.stage("model"):
+        ctx.model_source = resolve_model_source(r.model.name, r.model.gguf_file)
+        ctx.tokenizer = load_tokenizer(ctx.model_source, r.model.trust_remote_code, r.model.revision)
+        base = ctx.load_base_model()
+
+    if r.evaluation.baseline:
+        with run.stage("baseline_eval"):
+            baseline = evaluate_with_progress("baseline", base, ctx.tokenizer, recipe, eval_split)
+            record["eval"]["baseline"] = baseline.as_record()
+            _write_predictions(run_dir / "predictions_baseline.jsonl", eval_split, baseline.predictions)
+
+    with run.stage("method"):
+        ctx.model = recipe.method.apply(base, recipe.method_options, ctx)
+        trainable, total = count_parameters(ctx.model)
+        record["train_info"].update(num_trainable_params=trainable, num_total_params=total,
+                                    trainable_percent=round(100 * trainable / total, 4))
+        peft_config = getattr(ctx.model, "peft_config", None)
+        if peft_config:
+            record["run_info"]["peft_config"] = {k: v.to_dict() for k, v in peft_config.items()}
+        console.print(f"{recipe.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+
+    from peftbench.chat import tokenize_for_training
+
+    with run.stage("train"):
+        train_ds = tokenize_for_training(data.splits["train"], ctx.tokenizer, r.prompt)
+        val = data.splits.get("validation")
+        val_ds = tokenize_for_training(val, ctx.tokenizer, r.prompt) if val is not None else None
+        result = recipe.trainer.train(ctx.model, ctx.tokenizer, train_ds, val_ds, recipe.trainer_options, ctx)
+        record["train_info"].update(
+            status="success", train_time=round(result.train_time_s, 2), steps=result.steps,
+            tokens_seen=result.tokens_seen, tokens_per_second=round(result.tokens_seen / max(result.train_time_s, 1e-9), 1),
+            final_loss=result.final_loss, accelerator_memory_max=result.peak_memory_bytes, metrics=result.loss_history,
+        )
+
+    with run.stage("save_adapter"):
+        recipe.method.save(ctx.model, ctx.adapter_dir)
+        record["train_info"]["file_size"] = dir_size(ctx.adapter_dir)
+
+    with run.stage("finetuned_eval"):
+        finetuned = evaluate_with_progress("fine-tuned", ctx.model, ctx.tokenizer, recipe, eval_split)
+        record["eval"]["finetuned"] = finetuned.as_record()
+        _write_predictions(run_dir / "predictions_finetuned.jsonl", eval_split, finetuned.predictions)
+
+    for exporter, options in recipe.exporters:
+        with run.stage(f"export:{exporter.name}", fatal=False):
+            result = exporter.export(options, ctx)
+            record["exports"][exporter.name] = {"files": result.files, "sizes": result.sizes, **result.info}
+
+    record["run_info"]["status"] = "success"
+    run.save_record()
+    atomic_write_text(run_dir / "report.md", render_run_report(record))
+    print_run_summary(record, run_dir)
+    return record
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
+    return trainable, total
+
+
+def _numel(p) -> int:
+    # bitsandbytes packs two 4-bit weights per byte; report the logical parameter count.
+    if p.__class__.__name__ == "Params4bit" and getattr(p, "quant_state", None) is not None:
+        return int(p.quant_state.shape.numel())
+    return p.numel()
+
+
+def _write_predictions(path: Path, split, predictions: list[str]) -> None:
+    import json
+
+    lines = [json.dumps({"id": i, "prediction": p, "reference": s}, ensure_ascii=False)
+             for i, p, s in zip(split["id"], predictions, split["summary"])]
+    atomic_write_text(path, "\n".join(lines) + "\n")

@@ -1,0 +1,59 @@
+"""Which modules a method adapts, per architecture (``config.model_type``).
+
+Wrong target names are the classic silent failure of PEFT (peft then raises, or adapts nothing
+useful), so defaults live here, in one table, and unknown architectures get a clear error.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from peftbench.errors import PeftbenchError
+
+
+@dataclass(frozen=True)
+class ArchitectureTargets:
+    attention: tuple[str, ...]  # the LoRA paper's default: query and value projections
+    all_linear: tuple[str, ...]  # every projection in attention and MLP
+    feedforward: tuple[str, ...]  # IA3 scales these on their input (the MLP's down projection)
+    bias_flags: tuple[str, ...] = ()  # config flags that give the projections bias terms (BitFit)
+    fan_in_fan_out: bool = False  # GPT-2's Conv1D stores weights transposed
+
+
+_LLAMA_LIKE = ArchitectureTargets(
+    attention=("q_proj", "v_proj"),
+    all_linear=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    feedforward=("down_proj",),
+)
+
+ARCHITECTURES: dict[str, ArchitectureTargets] = {
+    "llama": ArchitectureTargets(**{**_LLAMA_LIKE.__dict__, "bias_flags": ("attention_bias", "mlp_bias")}),
+    "mistral": _LLAMA_LIKE,
+    "qwen2": _LLAMA_LIKE,  # q/k/v already carry biases in Qwen2
+    "qwen3": ArchitectureTargets(**{**_LLAMA_LIKE.__dict__, "bias_flags": ("attention_bias",)}),
+    "gemma": ArchitectureTargets(**{**_LLAMA_LIKE.__dict__, "bias_flags": ("attention_bias",)}),
+    "gemma2": ArchitectureTargets(**{**_LLAMA_LIKE.__dict__, "bias_flags": ("attention_bias",)}),
+    "gemma3_text": ArchitectureTargets(**{**_LLAMA_LIKE.__dict__, "bias_flags": ("attention_bias",)}),
+    "gpt2": ArchitectureTargets(attention=("c_attn",), all_linear=("c_attn", "c_proj", "c_fc"),
+                                feedforward=("mlp.c_proj",), fan_in_fan_out=True),
+}
+
+
+def targets_for(model_config) -> ArchitectureTargets:
+    model_type = getattr(model_config, "model_type", None)
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        raise PeftbenchError(
+            f"peftbench has no default target modules for architecture '{model_type}'.",
+            f"set method.target_modules to the names of its linear layers (known: {', '.join(sorted(ARCHITECTURES))}).",
+        ) from None
+
+
+def resolve_targets(model_config, requested: list[str] | str | None, kind: str = "attention") -> list[str]:
+    """``requested`` as given, or the architecture's default of ``kind`` (attention/all_linear/...)."""
+    if requested is None:
+        return list(getattr(targets_for(model_config), kind))
+    if isinstance(requested, str):
+        return [requested] if requested != "all-linear" else list(targets_for(model_config).all_linear)
+    return list(requested)

@@ -1,0 +1,114 @@
+"""Trainer plugin ``hf``: the transformers Trainer (checkpoints, loss logging, progress bar)."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import Field
+
+from peftbench.components import Options, TrainerPlugin, TrainResult
+from peftbench.device import peak_memory_bytes, reset_peak_memory
+from peftbench.hookspecs import hookimpl
+
+
+class HfTrainerOptions(Options):
+    epochs: float = Field(1, gt=0, description="passes over the training split")
+    max_steps: int | None = Field(None, gt=0, description="stop after this many optimiser steps (overrides epochs)")
+    batch_size: int = Field(4, gt=0, description="examples per device per forward pass")
+    grad_accum: int = Field(4, gt=0, description="forward passes per optimiser step (effective batch = batch_size x grad_accum x GPUs)")
+    learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
+    lr_scheduler: str = Field("linear", description="transformers scheduler name (linear, cosine, constant_with_warmup, ...)")
+    warmup_steps: int = Field(50, ge=0, description="optimiser steps of linear warm-up")
+    weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    optim: str = Field("paged_adamw_8bit", description="transformers optimiser name; 8-bit/paged fall back to adamw_torch without a GPU")
+    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    logging_steps: int = Field(10, gt=0, description="log the training loss every N steps")
+    save_steps: int = Field(100, gt=0, description="checkpoint every N steps (resume restarts from the last)")
+    eval_steps: int | None = Field(100, gt=0, description="validation loss every N steps; null to skip")
+    save_total_limit: int | None = Field(2, gt=0, description="checkpoints kept on disk")
+    max_eval_samples: int | None = Field(200, gt=0, description="validation rows used for the validation loss")
+    report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=list, description="experiment trackers the Trainer logs to (must be installed)"
+    )
+
+
+class HfTrainer(TrainerPlugin):
+    name = "hf"
+    Options = HfTrainerOptions
+
+    def train(self, model, tokenizer, train_dataset, eval_dataset, options: HfTrainerOptions, ctx) -> TrainResult:
+        from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+
+        policy = ctx.policy
+        use_eval = options.eval_steps is not None and eval_dataset is not None and len(eval_dataset) > 0
+        if use_eval and options.max_eval_samples:
+            eval_dataset = eval_dataset.select(range(min(options.max_eval_samples, len(eval_dataset))))
+        args = TrainingArguments(
+            output_dir=str(ctx.run_dir / "checkpoints"),
+            num_train_epochs=options.epochs,
+            max_steps=options.max_steps or -1,
+            per_device_train_batch_size=options.batch_size,
+            per_device_eval_batch_size=options.batch_size,
+            gradient_accumulation_steps=options.grad_accum,
+            learning_rate=options.learning_rate,
+            lr_scheduler_type=options.lr_scheduler,
+            warmup_steps=options.warmup_steps,
+            weight_decay=options.weight_decay,
+            max_grad_norm=options.max_grad_norm,
+            optim=policy.optimizer(options.optim),
+            gradient_checkpointing=options.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
+            bf16=policy.device == "cuda" and policy.dtype_name == "bfloat16",
+            fp16=policy.device == "cuda" and policy.dtype_name == "float16",
+            use_cpu=policy.device == "cpu",
+            logging_steps=options.logging_steps,
+            logging_first_step=True,
+            save_strategy="steps",
+            save_steps=options.save_steps,
+            save_total_limit=options.save_total_limit,
+            eval_strategy="steps" if use_eval else "no",
+            eval_steps=options.eval_steps if use_eval else None,
+            seed=ctx.recipe.recipe.seed,
+            data_seed=ctx.recipe.recipe.seed,
+            report_to=options.report_to or "none",
+            include_num_input_tokens_seen="non_padding",
+            remove_unused_columns=False,
+            dataloader_num_workers=0,
+        )
+        trainer = Trainer(
+            model=model,
+            args=args,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset if use_eval else None,
+            # Pads input_ids with the pad token and labels with -100, so padding never counts in the loss
+            # (DataCollatorForLanguageModeling would rebuild labels from input_ids and undo the masking).
+            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8),
+            processing_class=tokenizer,
+        )
+        reset_peak_memory(policy.device)
+        start = time.perf_counter()
+        trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir) if ctx.resume else None)
+        seconds = time.perf_counter() - start
+        losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        return TrainResult(
+            train_time_s=seconds,
+            steps=trainer.state.global_step,
+            tokens_seen=int(trainer.state.num_input_tokens_seen),
+            final_loss=losses[-1] if losses else None,
+            loss_history=list(trainer.state.log_history),
+            peak_memory_bytes=peak_memory_bytes(policy.device),
+        )
+
+
+def _last_checkpoint(output_dir: str):
+    from transformers.trainer_utils import get_last_checkpoint
+    import os
+
+    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+
+
+@hookimpl
+def peftbench_register_trainers(register):
+    register(HfTrainer)
