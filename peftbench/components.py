@@ -78,6 +78,14 @@ class MethodPlugin:
         """Write what was trained (for peft methods: the adapter, loadable with PeftModel.from_pretrained)."""
         model.save_pretrained(str(directory))
 
+    def load(self, model, directory, options: Options):
+        """Return ``model`` (a freshly loaded base) with what ``save`` wrote applied again."""
+        if not self.capabilities.uses_peft:
+            raise NotImplementedError(f"method '{self.name}' does not use peft and must implement load()")
+        from peft import PeftModel
+
+        return PeftModel.from_pretrained(model, str(directory))
+
     def merge(self, model, ctx: "RunContext"):
         """Return a plain transformers model with the trained weights folded in (if mergeable)."""
         from peftbench.errors import StageRefused
