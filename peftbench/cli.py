@@ -1,4 +1,4 @@
-"""Command line: ``peftbench run|validate|plugins|methods``.
+"""Command line: ``peftbench run|validate|plugins|methods|doctor``.
 
 Problems the user can fix (PeftbenchError) print as one line and exit with code 2, no traceback.
 """
@@ -6,8 +6,12 @@ Problems the user can fix (PeftbenchError) print as one line and exit with code 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+from contextlib import contextmanager
 from pathlib import Path
+
+from rich.markup import escape
 
 from peftbench import __version__
 from peftbench.console import console
@@ -21,8 +25,35 @@ def _cmd_run(args) -> int:
     from peftbench.runner import run_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    run_recipe(recipe, Path(args.output_dir) if args.output_dir else None, resume=args.resume, overwrite=args.overwrite)
+    with _sigterm_as_interrupt():
+        run_recipe(recipe, Path(args.output_dir) if args.output_dir else None, resume=args.resume, overwrite=args.overwrite)
     return 0
+
+
+@contextmanager
+def _sigterm_as_interrupt():
+    """Pre-empted VMs and job schedulers send SIGTERM before SIGKILL: treat it like Ctrl-C so the
+    run is recorded as interrupted (and resumable) instead of vanishing mid-stage."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    try:
+        previous = signal.signal(signal.SIGTERM, interrupt)
+    except ValueError:  # not the main thread: leave signals alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _cmd_doctor(args) -> int:
+    from peftbench.doctor import exit_code, print_report, run_checks
+
+    checks = run_checks()
+    print_report(checks, console)
+    return exit_code(checks)
 
 
 def _cmd_validate(args) -> int:
@@ -103,8 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", help="YAML recipe, e.g. recipes/quickstart.yaml")
     run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides, e.g. method.r=16 trainer.epochs=2")
     run.add_argument("--output-dir", help="run directory (default: the recipe's output_dir, else runs/<recipe name>)")
-    run.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    run.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    existing = run.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     run.set_defaults(func=_cmd_run)
 
     validate = sub.add_parser("validate", help="check a recipe (keys, types, plugins, files) without running it")
@@ -117,6 +149,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list fine-tuning methods with their capabilities and options")
     methods.set_defaults(func=_cmd_methods)
+
+    doctor = sub.add_parser("doctor", help="check Python, torch/CUDA, GPU, bf16, bitsandbytes 4-bit, llama.cpp, disk",
+                            description="Check this environment; each line is OK, WARN or FAIL with a fix. "
+                                        "Exits 1 when something every run needs fails.")
+    doctor.set_defaults(func=_cmd_doctor)
     return parser
 
 
@@ -136,7 +173,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PeftbenchError as e:
-        console.print(f"[bold red]error:[/] {e.problem}" + (f" [bold]Fix:[/] {e.fix}" if e.fix else ""), soft_wrap=True)
+        # Messages quote user input: escape it (a '[/x]' in a key would otherwise be rich markup)
+        # and keep it on one line.
+        problem, fix = (escape(" ".join(str(part).splitlines())) for part in (e.problem, e.fix or ""))
+        console.print(f"[bold red]error:[/] {problem}" + (f" [bold]Fix:[/] {fix}" if fix else ""), soft_wrap=True)
         return EXIT_USAGE
     except KeyboardInterrupt:
         console.print("[red]interrupted[/] (resume with --resume)")

@@ -122,17 +122,21 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise PeftbenchError(f"override key '{key}' is malformed.", "write overrides as key.sub=value, e.g. method.r=16.")
         node: Any = data
         for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list):
-                node = node[_index(part, node, key)]
-            else:
-                if not isinstance(node.get(part, {}), (dict, list)):
-                    raise PeftbenchError(
-                        f"override '{key}': '{'.'.join(parts[: i + 1])}' is a value, not a section.",
-                        "override the value itself, or check the key path with `peftbench validate`.",
-                    )
-                node = node.setdefault(part, {})
+            child = node[_index(part, node, key)] if isinstance(node, list) else node.setdefault(part, {})
+            if not isinstance(child, (dict, list)):
+                raise PeftbenchError(
+                    f"override '{key}': '{'.'.join(parts[: i + 1])}' is a value, not a section.",
+                    "override the value itself, or check the key path with `peftbench validate`.",
+                )
+            node = child
         leaf = parts[-1]
-        parsed = yaml.safe_load(value) if value.strip() else ""
+        try:
+            parsed = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise PeftbenchError(
+                f"override '{item}': the value is not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}).",
+                "quote it (key='text') or write a YAML scalar or list, e.g. method.target_modules=[q_proj,v_proj].",
+            ) from None
         if isinstance(node, list):
             node[_index(leaf, node, key)] = parsed
         else:
@@ -154,9 +158,12 @@ def _index(part: str, node: list, key: str) -> int:
 def read_recipe_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
-        raise PeftbenchError(f"recipe file '{path}' does not exist.", "pass the path of a YAML recipe, e.g. recipes/quickstart.yaml.")
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise PeftbenchError(f"recipe file '{path}' {what}.", "pass the path of a YAML recipe, e.g. recipes/quickstart.yaml.")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise PeftbenchError(f"recipe '{path}' is not UTF-8 text (byte {e.start}).", "save the recipe as UTF-8 YAML.") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -200,19 +207,17 @@ def validate_recipe(raw: dict, source: str = "<recipe>", host: Host | None = Non
             registry.get(ref["name"]).Options.model_validate(options)
         except ValidationError as e:
             problems += [f"{where}.{p}" for p in _describe(e, registry.get(ref["name"]).Options, options)]
+    problems += _check_paths(raw)
+    problems += _check_combinations(raw, host)
     if problems:
         raise _invalid(source, problems)
-    resolved = ResolvedRecipe(recipe, host, source, raw)
-    problems += _check_paths(resolved)
-    problems += _check_combinations(resolved)
-    if problems:
-        raise _invalid(source, problems)
-    return resolved
+    return ResolvedRecipe(recipe, host, source, raw)
 
 
 def _invalid(source: str, problems: list[str]) -> PeftbenchError:
+    text = "; ".join(p.rstrip(".") for p in problems)
     return PeftbenchError(
-        f"recipe '{source}' is invalid: " + "; ".join(problems) + ".",
+        f"recipe '{source}' is invalid: {text}" + ("" if text.endswith("?") else "."),
         "correct these keys in the recipe or the key=value overrides (`peftbench validate RECIPE` checks without running).",
     )
 
@@ -227,9 +232,17 @@ def _describe(error: ValidationError, model: type[BaseModel], raw: dict) -> list
             out.append(f"{loc}: unknown key.{hint}".rstrip("."))
         elif err["type"] == "missing":
             out.append(f"{loc}: required key is missing")
+        elif err["type"] in ("model_type", "dict_type"):
+            out.append(f"{loc}: must be a section of key: value lines (got {_short(err.get('input'))})")
         else:
-            out.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
+            out.append(f"{loc}: {err['msg']} (got {_short(err.get('input'))})")
     return out
+
+
+def _short(value, limit: int = 60) -> str:
+    """A value as the user wrote it, cut short: a whole mis-nested section would drown the message."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _fields_at(model: type[BaseModel], loc) -> list[str]:
@@ -247,32 +260,47 @@ def looks_like_path(ref: str) -> bool:
     return ref.startswith((".", "/", "~")) or ref.endswith((".gguf", ".json", ".jsonl", ".csv", ".parquet"))
 
 
-def _check_paths(r: ResolvedRecipe) -> list[str]:
+def _section(raw: dict, key: str) -> dict:
+    value = raw.get(key)
+    return value if isinstance(value, dict) else {}
+
+
+def _check_paths(raw: dict) -> list[str]:
     from peftbench.modeling import resolve_package_file
 
     problems = []
-    name = r.recipe.model.name
-    if name.startswith("pkg:"):
+    name = _section(raw, "model").get("name")
+    if not isinstance(name, str):
+        pass  # reported by the schema
+    elif name.startswith("pkg:"):
         try:
             resolve_package_file(name)
         except PeftbenchError as e:
             problems.append(f"model.name: {e.problem}")
     elif looks_like_path(name) and not Path(name).expanduser().exists():
         problems.append(f"model.name: '{name}' does not exist (give a hub id, a model directory or a .gguf file)")
-    path = getattr(r.dataset_options, "path", None)
+    path = _section(raw, "dataset").get("path")
     if isinstance(path, str) and looks_like_path(path) and not Path(path).expanduser().exists():
         problems.append(f"dataset.path: '{path}' does not exist")
     return problems
 
 
-def _check_combinations(r: ResolvedRecipe) -> list[str]:
+def _check_combinations(raw: dict, host: Host) -> list[str]:
+    method_name = _section(raw, "method").get("name")
+    exporters = raw.get("exporters", [{"name": "adapter"}])
+    if not isinstance(method_name, str) or method_name not in host.methods or not isinstance(exporters, list):
+        return []  # an unknown or malformed section is reported by the checks above
     problems = []
-    caps = r.method.capabilities
-    for i, (exporter, _) in enumerate(r.exporters):
-        missing = [c for c in exporter.requires if not getattr(caps, c)]
+    caps = host.methods.get(method_name).capabilities
+    for i, ref in enumerate(exporters):
+        name = ref.get("name") if isinstance(ref, dict) else None
+        if not isinstance(name, str) or name not in host.exporters:
+            continue
+        exporter = host.exporters.get(name)
+        missing = [c for c in exporter.requires if not getattr(caps, c, False)]
         if missing:
             problems.append(
                 f"exporters.{i}: '{exporter.name}' needs a method that is {', '.join(missing)}, "
-                f"and '{r.method.name}' is not (remove this exporter or pick another method)"
+                f"and '{method_name}' is not (remove this exporter or pick another method)"
             )
     return problems
