@@ -1,4 +1,4 @@
-"""Command line: ``peftbench run|validate|plugins|methods|doctor``.
+"""Command line: ``peftbench run|validate|report|plugins|methods|doctor``.
 
 Problems the user can fix (PeftbenchError) print as one line and exit with code 2, no traceback.
 """
@@ -21,12 +21,49 @@ EXIT_USAGE = 2
 
 
 def _cmd_run(args) -> int:
+    from peftbench.comparison import is_comparison_file
+    from peftbench.distributed import launch, launched_processes
     from peftbench.recipe import load_recipe
     from peftbench.runner import run_recipe
 
+    if is_comparison_file(args.recipe):
+        return _run_comparison(args)
+    if args.num_processes is not None and args.num_processes < 1:
+        raise PeftbenchError(f"--num-processes {args.num_processes} is not a number of processes.", "pass 1 or more.")
     recipe = load_recipe(args.recipe, args.overrides)
+    if args.num_processes and args.num_processes != launched_processes():
+        if launched_processes() > 1:
+            raise PeftbenchError(f"--num-processes {args.num_processes} inside a launch of {launched_processes()} processes.",
+                                 "drop --num-processes when starting peftbench with accelerate launch.")
+        # accelerate launch runs this same command in each process, where it finds itself launched.
+        return launch(args.num_processes, args.argv)
     with _sigterm_as_interrupt():
         run_recipe(recipe, Path(args.output_dir) if args.output_dir else None, resume=args.resume, overwrite=args.overwrite)
+    return 0
+
+
+def _run_comparison(args) -> int:
+    """A comparison recipe: every expanded run validated first, each run in its own process, then the report."""
+    import shlex
+
+    from peftbench.comparison import load_comparison, run_comparison
+
+    comparison = load_comparison(args.recipe, args.overrides, output_dir=args.output_dir)
+    command = shlex.join(["peftbench", "run", args.recipe, *args.overrides]
+                         + (["--output-dir", args.output_dir] if args.output_dir else []))
+    child_args = ["--num-processes", str(args.num_processes)] if args.num_processes else []
+    records = run_comparison(comparison, resume=args.resume, overwrite=args.overwrite, command=command, child_args=child_args)
+    return 0 if all(r["run_info"]["status"] == "success" for r in records) else 1
+
+
+def _cmd_report(args) -> int:
+    import shlex
+
+    from peftbench.compare import write_report
+
+    command = shlex.join(["peftbench", "report", *args.runs, "-o", args.output])
+    path = write_report(args.runs, args.output, command=command)
+    console.print(f"Report written to [bold]{escape(str(path))}[/] (plots beside it)")
     return 0
 
 
@@ -57,8 +94,14 @@ def _cmd_doctor(args) -> int:
 
 
 def _cmd_validate(args) -> int:
+    from peftbench.comparison import is_comparison_file, load_comparison
     from peftbench.recipe import load_recipe
 
+    if is_comparison_file(args.recipe):
+        comparison = load_comparison(args.recipe, args.overrides)
+        console.print(f"[green]ok[/] {args.recipe}: {len(comparison.runs)} runs ({', '.join(r.name for r in comparison.runs)}) "
+                      f"into {comparison.output_dir}, report {comparison.report_path}")
+        return 0
     recipe = load_recipe(args.recipe, args.overrides)
     console.print(f"[green]ok[/] {args.recipe}: dataset {recipe.dataset.name}, method {recipe.method.name}, "
                   f"trainer {recipe.trainer.name}, exporters {', '.join(p.name for p, _ in recipe.exporters) or 'none'}")
@@ -137,12 +180,21 @@ def build_parser() -> argparse.ArgumentParser:
     existing = run.add_mutually_exclusive_group()
     existing.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
     existing.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.add_argument("--num-processes", type=int, metavar="N",
+                     help="train data-parallel in N processes, one per GPU, started by `accelerate launch`")
     run.set_defaults(func=_cmd_run)
 
     validate = sub.add_parser("validate", help="check a recipe (keys, types, plugins, files) without running it")
     validate.add_argument("recipe")
     validate.add_argument("overrides", nargs="*", metavar="key.sub=value")
     validate.set_defaults(func=_cmd_validate)
+
+    report = sub.add_parser("report", help="compare finished runs: a Markdown table and PNG plots",
+                            description="Compare runs side by side: one row per method (mean ± std over seeds), "
+                                        "best values in bold, plots written beside the Markdown.")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them")
+    report.add_argument("-o", "--output", required=True, help="Markdown file to write, e.g. reports/NAME.md")
+    report.set_defaults(func=_cmd_report)
 
     plugins = sub.add_parser("plugins", help="list installed plugins, what they register, their hooks and versions")
     plugins.set_defaults(func=_cmd_plugins)
@@ -162,7 +214,8 @@ def main(argv: list[str] | None = None) -> int:
     # Overrides may come before or after options (`run R --output-dir D a.b=1`); argparse stops
     # collecting a positional list at the first option, so gather the stragglers here.
     args, extra = parser.parse_known_args(argv)
-    stray = [x for x in extra if x.startswith("-") or "=" not in x]
+    args.argv = sys.argv[1:] if argv is None else list(argv)  # what a launcher re-runs in each process
+    stray = [x for x in extra if x.startswith("-")]  # a stray 'foo' is reported as an override without '='
     if stray or (extra and not hasattr(args, "overrides")):
         parser.error(f"unrecognized arguments: {' '.join(stray or extra)}")
     if extra:

@@ -265,6 +265,13 @@ def _section(raw: dict, key: str) -> dict:
     return value if isinstance(value, dict) else {}
 
 
+def _exists(path: str) -> bool:
+    try:
+        return Path(path).expanduser().exists()
+    except (OSError, ValueError):  # a NUL byte, a name too long for the filesystem, ...
+        return False
+
+
 def _check_paths(raw: dict) -> list[str]:
     from peftbench.modeling import resolve_package_file
 
@@ -277,10 +284,10 @@ def _check_paths(raw: dict) -> list[str]:
             resolve_package_file(name)
         except PeftbenchError as e:
             problems.append(f"model.name: {e.problem}")
-    elif looks_like_path(name) and not Path(name).expanduser().exists():
+    elif looks_like_path(name) and not _exists(name):
         problems.append(f"model.name: '{name}' does not exist (give a hub id, a model directory or a .gguf file)")
     path = _section(raw, "dataset").get("path")
-    if isinstance(path, str) and looks_like_path(path) and not Path(path).expanduser().exists():
+    if isinstance(path, str) and looks_like_path(path) and not _exists(path):
         problems.append(f"dataset.path: '{path}' does not exist")
     return problems
 
