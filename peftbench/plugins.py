@@ -23,6 +23,9 @@ DEFAULT_PLUGINS = (
     "peftbench_plugins.datasets",
     "peftbench_plugins.method_lora",
     "peftbench_plugins.method_qlora",
+    "peftbench_plugins.method_prefix_tuning",
+    "peftbench_plugins.method_ia3",
+    "peftbench_plugins.method_bitfit",
     "peftbench_plugins.trainer_hf",
     "peftbench_plugins.exporter_adapter",
 )

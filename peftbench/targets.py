@@ -15,6 +15,7 @@ from peftbench.errors import PeftbenchError
 class ArchitectureTargets:
     attention: tuple[str, ...]  # the LoRA paper's default: query and value projections
     all_linear: tuple[str, ...]  # every projection in attention and MLP
+    key_value: tuple[str, ...]  # IA3 rescales keys and values (the IA3 paper's l_k, l_v)
     feedforward: tuple[str, ...]  # IA3 scales these on their input (the MLP's down projection)
     bias_flags: tuple[str, ...] = ()  # config flags that give the projections bias terms (BitFit)
     fan_in_fan_out: bool = False  # GPT-2's Conv1D stores weights transposed
@@ -23,18 +24,20 @@ class ArchitectureTargets:
 _LLAMA_LIKE = ArchitectureTargets(
     attention=("q_proj", "v_proj"),
     all_linear=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
+    key_value=("k_proj", "v_proj"),
     feedforward=("down_proj",),
 )
 
 ARCHITECTURES: dict[str, ArchitectureTargets] = {
     "llama": ArchitectureTargets(**{**_LLAMA_LIKE.__dict__, "bias_flags": ("attention_bias", "mlp_bias")}),
-    "mistral": _LLAMA_LIKE,
+    "mistral": _LLAMA_LIKE,  # no biases, and transformers' Mistral has no flag to add them
     "qwen2": _LLAMA_LIKE,  # q/k/v already carry biases in Qwen2
     "qwen3": ArchitectureTargets(**{**_LLAMA_LIKE.__dict__, "bias_flags": ("attention_bias",)}),
     "gemma": ArchitectureTargets(**{**_LLAMA_LIKE.__dict__, "bias_flags": ("attention_bias",)}),
     "gemma2": ArchitectureTargets(**{**_LLAMA_LIKE.__dict__, "bias_flags": ("attention_bias",)}),
     "gemma3_text": ArchitectureTargets(**{**_LLAMA_LIKE.__dict__, "bias_flags": ("attention_bias",)}),
-    "gpt2": ArchitectureTargets(attention=("c_attn",), all_linear=("c_attn", "c_proj", "c_fc"),
+    # c_attn is the fused q/k/v projection; "mlp.c_proj" keeps the attention's c_proj out of IA3's feedforward.
+    "gpt2": ArchitectureTargets(attention=("c_attn",), all_linear=("c_attn", "c_proj", "c_fc"), key_value=("c_attn",),
                                 feedforward=("mlp.c_proj",), fan_in_fan_out=True),
 }
 
@@ -57,3 +60,8 @@ def resolve_targets(model_config, requested: list[str] | str | None, kind: str =
     if isinstance(requested, str):
         return [requested] if requested != "all-linear" else list(targets_for(model_config).all_linear)
     return list(requested)
+
+
+def module_matches(module_name: str, target: str) -> bool:
+    """Whether ``target`` names this module the way peft's target_modules list does (a dotted suffix)."""
+    return module_name == target or module_name.endswith("." + target)
