@@ -129,3 +129,13 @@ class ExporterPlugin:
 
     def export(self, options: Options, ctx: "RunContext") -> ExportResult:
         raise NotImplementedError
+
+    def estimated_bytes(self, options: Options, ctx: "RunContext") -> int:
+        """Disk space the export needs, checked before it runs. The default: a 16-bit merged copy of
+        the model for exporters that merge, nothing for the rest; exporters that write more (a GGUF
+        beside the merged checkpoint) say so."""
+        if "mergeable" not in self.requires:
+            return 0
+        from peftbench.resources import merged_model_bytes
+
+        return merged_model_bytes(ctx.model)

@@ -132,12 +132,12 @@ def check_4bit() -> list[Check]:
         import bitsandbytes as bnb
         import bitsandbytes.functional as bnbf
 
-        torch.manual_seed(0)
-        weight = torch.randn(64, 64) / 8
+        generator = torch.Generator().manual_seed(0)  # a private generator: the caller's RNG stays untouched
+        weight = torch.randn(64, 64, generator=generator) / 8
         layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
         layer.weight = bnb.nn.Params4bit(weight, requires_grad=False, quant_type="nf4")
         layer = layer.to(device)  # quantises on the move
-        x = torch.randn(4, 64, device=device)
+        x = torch.randn(4, 64, generator=generator).to(device)
         with torch.no_grad():
             y = layer(x)
             dequantised = bnbf.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()

@@ -22,7 +22,9 @@ from peftbench.evaluation import evaluate_model
 from peftbench.modeling import load_tokenizer, resolve_model_source
 from peftbench.recipe import ResolvedRecipe
 from peftbench.records import atomic_write_json, atomic_write_text, dir_size, new_record, package_versions, read_json, system_info
+from peftbench.records import atomic_directory
 from peftbench.report import render_run_report, print_run_summary
+from peftbench.resources import ensure_free_disk, out_of_memory_as_error, trainable_bytes
 
 
 def default_run_dir(recipe: ResolvedRecipe) -> Path:
@@ -31,9 +33,15 @@ def default_run_dir(recipe: ResolvedRecipe) -> Path:
 
 def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
     """A run gets its own directory; a finished run is never overwritten by accident."""
-    record_path = run_dir / "run.json"
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PeftbenchError(f"output directory '{run_dir}' is a file.", "pass --output-dir DIR with a directory.")
     if run_dir.exists() and any(run_dir.iterdir()):
-        status = read_json(record_path)["run_info"]["status"] if record_path.is_file() else "unknown"
+        status = recorded_status(run_dir)
+        if status is None:
+            raise PeftbenchError(
+                f"output directory '{run_dir}' is not empty and holds no peftbench run (no run.json).",
+                "pass --output-dir DIR with a new or empty directory (peftbench deletes only its own run directories).",
+            )
         if overwrite:
             shutil.rmtree(run_dir)
         elif resume:
@@ -46,6 +54,17 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
                 "pass --resume to continue it, --overwrite to replace it, or --output-dir DIR for a new run.",
             )
     run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def recorded_status(run_dir: Path) -> str | None:
+    """The status run_dir/run.json records; None when the directory holds no peftbench run."""
+    path = run_dir / "run.json"
+    if not path.is_file():
+        return "starting" if (run_dir / "recipe.yaml").is_file() else None
+    try:
+        return str(read_json(path)["run_info"]["status"])
+    except (OSError, ValueError, KeyError, TypeError):  # edited by hand or truncated by a full disk
+        return "unreadable"
 
 
 class Run:
@@ -99,6 +118,7 @@ def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: b
     run = Run(recipe, run_dir, resume=resume)
     record = run.record
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
+    run.save_record()  # run.json from the first moment: it marks the directory as a peftbench run
 
     policy = resolve_policy(r.model.dtype)
     ctx = RunContext(recipe=recipe, run_dir=run_dir, policy=policy, model_source="", resume=resume, record=record)
@@ -123,12 +143,15 @@ def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: b
         base = ctx.load_base_model()
 
     if r.evaluation.baseline:
-        with run.stage("baseline_eval"):
+        with run.stage("baseline_eval"), out_of_memory_as_error("baseline_eval", recipe):
             baseline = evaluate_with_progress("baseline", base, ctx.tokenizer, recipe, eval_split)
             record["eval"]["baseline"] = baseline.as_record()
             _write_predictions(run_dir / "predictions_baseline.jsonl", eval_split, baseline.predictions)
 
     with run.stage("method"):
+        from transformers import set_seed
+
+        set_seed(r.seed)  # the method's initialisation (LoRA's A matrices, prefixes) is part of what the seed fixes
         ctx.model = recipe.method.apply(base, recipe.method_options, ctx)
         trainable, total = count_parameters(ctx.model)
         record["train_info"].update(num_trainable_params=trainable, num_total_params=total,
@@ -140,7 +163,7 @@ def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: b
 
     from peftbench.chat import tokenize_for_training
 
-    with run.stage("train"):
+    with run.stage("train"), out_of_memory_as_error("training", recipe):
         train_ds = tokenize_for_training(data.splits["train"], ctx.tokenizer, r.prompt)
         val = data.splits.get("validation")
         val_ds = tokenize_for_training(val, ctx.tokenizer, r.prompt) if val is not None else None
@@ -152,16 +175,19 @@ def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: b
         )
 
     with run.stage("save_adapter"):
-        recipe.method.save(ctx.model, ctx.adapter_dir)
+        ensure_free_disk(run_dir, trainable_bytes(ctx.model), "the adapter")
+        with atomic_directory(ctx.adapter_dir) as tmp:  # a kill mid-save never leaves a half adapter
+            recipe.method.save(ctx.model, tmp)
         record["train_info"]["file_size"] = dir_size(ctx.adapter_dir)
 
-    with run.stage("finetuned_eval"):
+    with run.stage("finetuned_eval"), out_of_memory_as_error("finetuned_eval", recipe):
         finetuned = evaluate_with_progress("fine-tuned", ctx.model, ctx.tokenizer, recipe, eval_split)
         record["eval"]["finetuned"] = finetuned.as_record()
         _write_predictions(run_dir / "predictions_finetuned.jsonl", eval_split, finetuned.predictions)
 
     for exporter, options in recipe.exporters:
         with run.stage(f"export:{exporter.name}", fatal=False):
+            ensure_free_disk(ctx.exports_dir, exporter.estimated_bytes(options, ctx), f"the {exporter.name} export")
             result = exporter.export(options, ctx)
             record["exports"][exporter.name] = {"files": result.files, "sizes": result.sizes, **result.info}
 

@@ -102,11 +102,31 @@ class HfTrainer(TrainerPlugin):
         )
 
 
-def _last_checkpoint(output_dir: str):
-    from transformers.trainer_utils import get_last_checkpoint
-    import os
+def _last_checkpoint(output_dir: str) -> str | None:
+    """The newest checkpoint-N written to the end, or None. The Trainer writes trainer_state.json
+    last, so a process killed while saving leaves a newer checkpoint without a readable one, which
+    transformers' get_last_checkpoint would pick and fail to load: skip it."""
+    import json
+    import re
+    from pathlib import Path
 
-    return get_last_checkpoint(output_dir) if os.path.isdir(output_dir) else None
+    from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+    from peftbench.console import console
+
+    root = Path(output_dir)
+    steps = sorted(((int(m.group(1)), d) for d in (root.iterdir() if root.is_dir() else ())
+                    if d.is_dir() and (m := re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", d.name))), reverse=True)
+    for step, directory in steps:
+        try:
+            json.loads((directory / "trainer_state.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            console.print(f"[yellow]resume:[/] skipping {directory.name}, written only in part")
+            continue
+        console.print(f"resume: continuing from {directory.name} (step {step})")
+        return str(directory)
+    console.print("[yellow]resume:[/] no complete checkpoint yet, training from the start")
+    return None
 
 
 @hookimpl
