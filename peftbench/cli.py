@@ -24,7 +24,7 @@ def _cmd_run(args) -> int:
     from peftbench.comparison import is_comparison_file
     from peftbench.distributed import launch, launched_processes
     from peftbench.recipe import load_recipe
-    from peftbench.runner import run_recipe
+    from peftbench.runner import default_run_dir, prepare_run_dir, run_recipe
 
     if is_comparison_file(args.recipe):
         return _run_comparison(args)
@@ -35,7 +35,10 @@ def _cmd_run(args) -> int:
         if launched_processes() > 1:
             raise PeftbenchError(f"--num-processes {args.num_processes} inside a launch of {launched_processes()} processes.",
                                  "drop --num-processes when starting peftbench with accelerate launch.")
-        # accelerate launch runs this same command in each process, where it finds itself launched.
+        # A taken run directory is refused here, in one line, rather than from inside the launch;
+        # accelerate launch then runs this same command in each process, where it finds itself launched.
+        prepare_run_dir(Path(args.output_dir) if args.output_dir else default_run_dir(recipe),
+                        resume=args.resume, overwrite=args.overwrite)
         return launch(args.num_processes, args.argv)
     with _sigterm_as_interrupt():
         run_recipe(recipe, Path(args.output_dir) if args.output_dir else None, resume=args.resume, overwrite=args.overwrite)

@@ -100,10 +100,11 @@ class MethodPlugin:
 class TrainResult:
     train_time_s: float
     steps: int
-    tokens_seen: int  # non-pad tokens that went through the model during training
+    tokens_seen: int  # non-pad tokens that went through the model during training, all processes together
     final_loss: float | None
     loss_history: list[dict] = field(default_factory=list)  # Trainer log_history entries
     peak_memory_bytes: int | None = None
+    global_batch_size: int | None = None  # examples per optimiser step, summed over all processes
 
 
 class TrainerPlugin:

@@ -54,6 +54,7 @@ def render_run_report(record: dict) -> str:
         f"| trainable parameters | {train.get('num_trainable_params', 0):,} of {train.get('num_total_params', 0):,} ({train.get('trainable_percent', 0):.3f}%) |",
         f"| adapter size | {human_bytes(train.get('file_size'))} |",
         f"| steps | {train.get('steps')} |",
+        f"| global batch | {train.get('global_batch_size')} examples per step over {train.get('num_processes', 1)} process(es) |",
         f"| train time | {train.get('train_time')} s |",
         f"| non-pad tokens/s | {train.get('tokens_per_second')} |",
         f"| final loss | {_fmt(train.get('final_loss'))} |",

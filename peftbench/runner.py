@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from peftbench import distributed
 from peftbench.console import console
 from peftbench.context import RunContext
 from peftbench.device import resolve_policy
@@ -68,14 +69,17 @@ def recorded_status(run_dir: Path) -> str | None:
 
 
 class Run:
-    def __init__(self, recipe: ResolvedRecipe, run_dir: Path, resume: bool = False):
+    def __init__(self, recipe: ResolvedRecipe, run_dir: Path, resume: bool = False, writes_record: bool = True):
         self.recipe = recipe
         self.run_dir = run_dir
         self.resume = resume
+        self.writes_record = writes_record  # only the main process of a multi-process run writes run.json
         self.record = new_record(recipe.resolved_dict(), experiment_name=run_dir.name)
         self.started = time.perf_counter()
 
     def save_record(self) -> None:
+        if not self.writes_record:
+            return
         self.record["run_info"]["total_time"] = round(time.perf_counter() - self.started, 2)
         atomic_write_json(self.run_dir / "run.json", self.record)
 
@@ -114,18 +118,21 @@ def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: b
     """Run one recipe end to end; returns the run record (also written to run_dir/run.json)."""
     r = recipe.recipe
     run_dir = Path(run_dir or default_run_dir(recipe))
-    prepare_run_dir(run_dir, resume=resume, overwrite=overwrite)
-    run = Run(recipe, run_dir, resume=resume)
+    policy = resolve_policy(r.model.dtype)
+    # Under `accelerate launch` every process trains; only the main one touches the run directory.
+    processes = distributed.start(policy.device)
+    processes.on_main(prepare_run_dir, run_dir, resume=resume, overwrite=overwrite)
+    run = Run(recipe, run_dir, resume=resume, writes_record=processes.is_main)
     record = run.record
-    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
+    if processes.is_main:
+        atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
     run.save_record()  # run.json from the first moment: it marks the directory as a peftbench run
 
-    policy = resolve_policy(r.model.dtype)
     ctx = RunContext(recipe=recipe, run_dir=run_dir, policy=policy, model_source="", resume=resume, record=record)
     record["meta_info"] = {"model_id": r.model.name, "package_info": package_versions(), "system_info": system_info(policy),
                            "policy_substitutions": policy.substitutions}
 
-    with run.stage("data") as st:
+    with run.stage("data") as st, processes.main_first():
         data = recipe.dataset.load(recipe.dataset_options, r.seed)
         eval_split_name = r.evaluation.split if r.evaluation.split in data.splits else "validation"
         if eval_split_name != r.evaluation.split:
@@ -137,16 +144,17 @@ def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: b
                                                "eval_rows": len(eval_split)}
         st["rows"] = data.stats.get("rows")
 
-    with run.stage("model"):
+    with run.stage("model"), processes.main_first():  # a GGUF is dequantised into the cache once
         ctx.model_source = resolve_model_source(r.model.name, r.model.gguf_file)
         ctx.tokenizer = load_tokenizer(ctx.model_source, r.model.trust_remote_code, r.model.revision)
         base = ctx.load_base_model()
 
-    if r.evaluation.baseline:
+    if r.evaluation.baseline and processes.is_main:
         with run.stage("baseline_eval"), out_of_memory_as_error("baseline_eval", recipe):
             baseline = evaluate_with_progress("baseline", base, ctx.tokenizer, recipe, eval_split)
             record["eval"]["baseline"] = baseline.as_record()
             _write_predictions(run_dir / "predictions_baseline.jsonl", eval_split, baseline.predictions)
+    processes.wait_for_everyone()  # the others wait while the main process scores the base model
 
     with run.stage("method"):
         from transformers import set_seed
@@ -164,15 +172,22 @@ def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: b
     from peftbench.chat import tokenize_for_training
 
     with run.stage("train"), out_of_memory_as_error("training", recipe):
-        train_ds = tokenize_for_training(data.splits["train"], ctx.tokenizer, r.prompt)
-        val = data.splits.get("validation")
-        val_ds = tokenize_for_training(val, ctx.tokenizer, r.prompt) if val is not None else None
+        with processes.main_first():  # datasets caches the tokenised splits: one process writes them
+            train_ds = tokenize_for_training(data.splits["train"], ctx.tokenizer, r.prompt)
+            val = data.splits.get("validation")
+            val_ds = tokenize_for_training(val, ctx.tokenizer, r.prompt) if val is not None else None
         result = recipe.trainer.train(ctx.model, ctx.tokenizer, train_ds, val_ds, recipe.trainer_options, ctx)
         record["train_info"].update(
             status="success", train_time=round(result.train_time_s, 2), steps=result.steps,
             tokens_seen=result.tokens_seen, tokens_per_second=round(result.tokens_seen / max(result.train_time_s, 1e-9), 1),
             final_loss=result.final_loss, accelerator_memory_max=result.peak_memory_bytes, metrics=result.loss_history,
+            num_processes=processes.num_processes, global_batch_size=result.global_batch_size,
         )
+
+    # Training was the one stage that needs every process; the rest happens once, on the main one.
+    if not processes.is_main:
+        processes.close()
+        return record
 
     with run.stage("save_adapter"):
         ensure_free_disk(run_dir, trainable_bytes(ctx.model), "the adapter")
@@ -195,6 +210,7 @@ def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: b
     run.save_record()
     atomic_write_text(run_dir / "report.md", render_run_report(record))
     print_run_summary(record, run_dir)
+    processes.close()
     return record
 
 

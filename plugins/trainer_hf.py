@@ -76,6 +76,9 @@ class HfTrainer(TrainerPlugin):
             include_num_input_tokens_seen="non_padding",
             remove_unused_columns=False,
             dataloader_num_workers=0,
+            # Every trainable parameter of a PEFT method takes part in every forward pass, so DDP need
+            # not walk the autograd graph after each backward looking for unused ones.
+            ddp_find_unused_parameters=False,
         )
         trainer = Trainer(
             model=model,
@@ -99,6 +102,7 @@ class HfTrainer(TrainerPlugin):
             final_loss=losses[-1] if losses else None,
             loss_history=list(trainer.state.log_history),
             peak_memory_bytes=peak_memory_bytes(policy.device),
+            global_batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
         )
 
 
