@@ -96,3 +96,6 @@ def write_recipe(tmp_path, tiny_model_dir, tiny_data_dir):
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+from peftbench.testing.conformance import MethodConformance  # noqa: E402  (re-exported for plugin authors)
