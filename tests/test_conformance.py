@@ -26,3 +26,21 @@ class TestIa3On4BitBase(MethodConformance):
 
 class TestBitFit(MethodConformance):
     method = {"name": "bitfit"}
+
+
+def _example_plugin():
+    """The example external plugin, imported from its folder: registered for the tests below without
+    `pip install` (peftbench.plugins.registered), as a plugin author's own tests can do."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).parents[1] / "plugins" / "peftbench-layernorm" / "peftbench_layernorm.py"
+    spec = importlib.util.spec_from_file_location("peftbench_layernorm", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class TestExampleLayerNormPlugin(MethodConformance):
+    plugins = (_example_plugin(),)
+    method = {"name": "ln_tuning"}

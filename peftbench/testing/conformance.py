@@ -46,9 +46,13 @@ class MethodConformance:
 
         if not self.method.get("name"):
             pytest.fail(f"{type(self).__name__} must set method = {{'name': ..., <options>}}")
+        # A plugin that is also installed is already loaded through its entry point; registering the
+        # same module again would register its methods twice.
+        loaded = {getattr(p, "__name__", None) for _, p in get_host().pm.list_name_plugin()}
         with ExitStack() as stack:
             for plugin in self.plugins:
-                stack.enter_context(registered(plugin))
+                if getattr(plugin, "__name__", None) not in loaded:
+                    stack.enter_context(registered(plugin))
             yield get_host()
 
     @pytest.fixture(scope="class")
