@@ -1,0 +1,131 @@
+"""Bad input: every problem named in one line with a fix, exit code 2, nothing written."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from peftbench.cli import main
+from peftbench.components import Capabilities, ExporterPlugin, MethodPlugin
+from peftbench.hookspecs import hookimpl
+from peftbench.plugins import registered
+
+
+def _one_error_line(capsys) -> str:
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("error: ") and " Fix: " in lines[0] and "Traceback" not in lines[0]
+    return lines[0]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["trainer.learning_rat=1e-4"], "trainer.learning_rat: unknown key. Did you mean 'learning_rate'?"),
+    (["model.nmae=x"], "model.nmae: unknown key. Did you mean 'name'?"),
+    (["seeed=1"], "seeed: unknown key. Did you mean 'seed'?"),
+    (["trainer.batch_size=four"], "trainer.batch_size: Input should be a valid integer, unable to parse string as an integer (got 'four')"),
+    (["evaluation.baseline=maybe"], "evaluation.baseline: Input should be a valid boolean"),
+    (["trainer.batch_size=0"], "trainer.batch_size: Input should be greater than 0 (got 0)"),
+    (["method.dropout=1.5"], "method.dropout: Input should be less than 1 (got 1.5)"),
+    (["evaluation.split=train"], "evaluation.split: Input should be 'test' or 'validation' (got 'train')"),
+    (["method.name=lorra"], "method.name: unknown method 'lorra'. Did you mean 'lora'? Known: "),
+    (["exporters.0.name=adaptor"], "exporters.0.name: unknown exporter 'adaptor'. Did you mean 'adapter'?"),
+    (["model.name=./no/such/model"], "model.name: './no/such/model' does not exist"),
+    (["dataset.path=/no/such/data.jsonl"], "dataset.path: '/no/such/data.jsonl' does not exist"),
+    (["model.name=pkg:no_such_package/m.gguf"], "model.name: package 'no_such_package' named by 'pkg:no_such_package/m.gguf' is not installed"),
+    (["model=3"], "model: must be a section of key: value lines (got 3)"),
+    (["exporters=[adapter]"], "exporters.0: must be a section of key: value lines (got 'adapter')"),
+    (["prompt.template=no placeholder"], "prompt.template: Value error, must contain the placeholder {dialogue}"),
+])
+def test_each_kind_of_problem_is_named(write_recipe, capsys, overrides, expected):
+    assert main(["validate", str(write_recipe()), *overrides]) == 2
+    assert expected in _one_error_line(capsys)
+
+
+def test_every_problem_in_one_message_and_nothing_written(write_recipe, tmp_path, capsys):
+    bad = ["trainer.learning_rat=1e-4", "trainer.batch_size=-1", "method.name=lorra", "dataset.path=/no/such/dir",
+           "model.name=./missing", "seeed=3", "prompt=7"]
+    run_dir = tmp_path / "run"
+    assert main(["run", str(write_recipe()), "--output-dir", str(run_dir), *bad]) == 2
+    line = _one_error_line(capsys)
+    for part in ("seeed: unknown key. Did you mean 'seed'?", "prompt: must be a section", "unknown method 'lorra'",
+                 "trainer.learning_rat: unknown key", "trainer.batch_size: Input should be greater than 0",
+                 "dataset.path: '/no/such/dir' does not exist", "model.name: './missing' does not exist"):
+        assert part in line, part
+    assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["validate", "no/such/recipe.yaml"], "recipe file 'no/such/recipe.yaml' does not exist."),
+    (["validate", "{recipe}", "foo"], "override 'foo' has no '='."),
+    (["validate", "{recipe}", "seed.value=1"], "override 'seed.value': 'seed' is a value, not a section."),
+    (["validate", "{recipe}", "exporters.0.name.x=1"], "override 'exporters.0.name.x': 'exporters.0.name' is a value"),
+    (["validate", "{recipe}", "exporters.4.name=adapter"], "override 'exporters.4.name': '4' is not an index of a list of 1."),
+    (["validate", "{recipe}", "method..r=4"], "override key 'method..r' is malformed."),
+    (["validate", "{recipe}", "method.target_modules=[q_proj"], "override 'method.target_modules=[q_proj': the value is not valid YAML"),
+    (["validate", "{recipe}", "method.r=!!python/object/apply:os.system [true]"], "the value is not valid YAML"),
+])
+def test_bad_command_lines(write_recipe, capsys, argv, expected):
+    argv = [a.replace("{recipe}", str(write_recipe())) for a in argv]
+    assert main(argv) == 2
+    assert expected in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize("content, expected", [
+    ("model: [unclosed\nseed: 1\n", "is not valid YAML at line 2, column 5: expected ',' or ']'"),
+    ("- just\n- a list\n", "must be a YAML mapping of sections"),
+    ("x: !!python/object/apply:os.system ['echo pwned']\n", "is not valid YAML"),
+    (b"\xff\xfe binary", "is not UTF-8 text"),
+])
+def test_unreadable_recipe_files(tmp_path, capsys, content, expected):
+    path = tmp_path / "recipe.yaml"
+    path.write_bytes(content if isinstance(content, bytes) else content.encode())
+    assert main(["validate", str(path)]) == 2
+    assert expected in _one_error_line(capsys)
+
+
+def test_markup_in_user_input_is_printed_literally(write_recipe, capsys):
+    assert main(["validate", str(write_recipe()), "method.[/bold]=1", "model.name=./a\nb"]) == 2
+    line = _one_error_line(capsys)
+    assert "method.[/bold]: unknown key" in line and "'./a b' does not exist" in line
+
+
+class NoMerge(MethodPlugin):
+    """A method that cannot be merged into the base weights (what the exporter check reads)."""
+
+    name = "test_no_merge"
+    capabilities = Capabilities(mergeable=False, gguf_exportable=False)
+
+
+class NeedsMerge(ExporterPlugin):
+    name = "test_needs_merge"
+    requires = ("mergeable",)
+
+
+class IncompatiblePlugins:
+    @staticmethod
+    @hookimpl
+    def peftbench_register_methods(register):
+        register(NoMerge)
+
+    @staticmethod
+    @hookimpl
+    def peftbench_register_exporters(register):
+        register(NeedsMerge)
+
+
+@pytest.mark.parametrize("exporter", ["test_needs_merge", "merged", "gguf"])
+def test_non_mergeable_method_with_a_merging_exporter(write_recipe, tmp_path, capsys, exporter):
+    with registered(IncompatiblePlugins) as host:
+        if exporter not in host.exporters:
+            pytest.skip(f"exporter {exporter} is not installed")
+        recipe = write_recipe({"name": "test_no_merge"}, exporters=[{"name": "adapter"}, {"name": exporter}])
+        assert main(["run", str(recipe), "--output-dir", str(tmp_path / "run")]) == 2
+    line = _one_error_line(capsys)
+    assert f"exporters.1: '{exporter}' needs a method that is mergeable" in line
+    assert "'test_no_merge' is not" in line and "remove this exporter or pick another method" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_valid_recipe_passes(write_recipe, capsys):
+    assert main(["validate", str(write_recipe())]) == 0
+    assert capsys.readouterr().out.startswith("ok ")
