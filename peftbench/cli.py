@@ -1,4 +1,4 @@
-"""Command line: ``peftbench run|validate|report|plugins|methods|doctor``.
+"""Command line: ``peftbench run|validate|report|plugins|methods|smoke|doctor``.
 
 Problems the user can fix (PeftbenchError) print as one line and exit with code 2, no traceback.
 """
@@ -167,6 +167,13 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _cmd_smoke(args) -> int:
+    from peftbench.smoke import run_smoke_command
+
+    return run_smoke_command(args.gguf, data=args.data, n=args.n, hf_predictions=args.hf_predictions,
+                             margin=args.margin, recipe=args.recipe, output=args.output)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="peftbench",
@@ -204,6 +211,23 @@ def build_parser() -> argparse.ArgumentParser:
 
     methods = sub.add_parser("methods", help="list fine-tuning methods with their capabilities and options")
     methods.set_defaults(func=_cmd_methods)
+
+    smoke = sub.add_parser("smoke", help="check an exported GGUF with llama.cpp: loads, stops at end-of-turn, still summarises",
+                           description="Summarise N dialogues with a GGUF through llama.cpp, using the chat template inside "
+                                       "the file; check each answer (non-empty, ended at end-of-turn, no template tokens), "
+                                       "report ROUGE and agreement with the HF model, run the Modelfile beside it in Ollama "
+                                       "when `ollama` is on PATH. Exits 1 when a check fails.")
+    smoke.add_argument("gguf", metavar="MODEL.gguf")
+    smoke.add_argument("--data", help="dataset file or folder (test split, else validation); default: the bundled chatsum set")
+    smoke.add_argument("-n", type=int, metavar="N", help="examples to summarise (default: the whole split)")
+    smoke.add_argument("--hf-predictions", metavar="FILE",
+                       help="the run's predictions_finetuned.jsonl: agreement with the HF model and the ROUGE-1 margin check")
+    smoke.add_argument("--margin", type=float, default=1.5,
+                       help="fail when the GGUF's ROUGE-1 is more than this many points below the HF model's (default 1.5)")
+    smoke.add_argument("--recipe", metavar="RECIPE_OR_RUN_DIR",
+                       help="take the prompt and max_new_tokens from this recipe or run directory (default: recipe defaults)")
+    smoke.add_argument("-o", "--output", metavar="FILE", help="write the answers and per-answer checks as JSON Lines")
+    smoke.set_defaults(func=_cmd_smoke)
 
     doctor = sub.add_parser("doctor", help="check Python, torch/CUDA, GPU, bf16, bitsandbytes 4-bit, llama.cpp, disk",
                             description="Check this environment; each line is OK, WARN or FAIL with a fix. "

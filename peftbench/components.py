@@ -120,6 +120,9 @@ class ExportResult:
     files: dict[str, str]  # label -> path
     sizes: dict[str, int] = field(default_factory=dict)  # label -> bytes
     info: dict[str, Any] = field(default_factory=dict)
+    # Checks the written files failed (e.g. a GGUF that scores too low): the runner records the
+    # result and marks the stage failed with these reasons.
+    problems: list[str] = field(default_factory=list)
 
 
 class ExporterPlugin:
@@ -127,6 +130,8 @@ class ExporterPlugin:
     Options: ClassVar[type[Options]] = Options
     # Capabilities a method must declare for this exporter to run (checked at validation time).
     requires: ClassVar[tuple[str, ...]] = ()
+    # Exporters whose files this one reads: validation wants them earlier in the recipe's list.
+    after: ClassVar[tuple[str, ...]] = ()
 
     def export(self, options: Options, ctx: "RunContext") -> ExportResult:
         raise NotImplementedError

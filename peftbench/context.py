@@ -20,6 +20,7 @@ class RunContext:
     model: Any = None  # the model being trained (a PeftModel for peft methods)
     resume: bool = False
     record: dict = field(default_factory=dict)  # what ends up in run.json
+    eval_dataset: Any = None  # the examples evaluation scores (exporters' smoke tests score the same)
 
     @property
     def adapter_dir(self) -> Path:

@@ -28,6 +28,9 @@ DEFAULT_PLUGINS = (
     "peftbench_plugins.method_bitfit",
     "peftbench_plugins.trainer_hf",
     "peftbench_plugins.exporter_adapter",
+    "peftbench_plugins.exporter_merged",
+    "peftbench_plugins.exporter_gguf",
+    "peftbench_plugins.exporter_ollama",
 )
 ENTRY_POINT_GROUP = "peftbench"
 

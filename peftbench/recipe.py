@@ -310,4 +310,9 @@ def _check_combinations(raw: dict, host: Host) -> list[str]:
                 f"exporters.{i}: '{exporter.name}' needs a method that is {', '.join(missing)}, "
                 f"and '{method_name}' is not (remove this exporter or pick another method)"
             )
+        earlier = {r.get("name") for r in exporters[:i] if isinstance(r, dict)}
+        absent = [n for n in exporter.after if n not in earlier]
+        if absent:
+            problems.append(f"exporters.{i}: '{exporter.name}' reads the files of {', '.join(absent)}: "
+                            f"list {', '.join(absent)} before it")
     return problems

