@@ -72,10 +72,13 @@ def out_of_memory_as_error(stage: str, recipe=None):
     ``recipe`` (a ResolvedRecipe) lets the fix quote the current batch sizes."""
     import torch
 
+    out_of_memory = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)  # torch < 2.5 has only the latter
     try:
         yield
-    except torch.OutOfMemoryError as e:
+    except out_of_memory as e:
         first_line = str(e).strip().splitlines()[0] if str(e).strip() else "CUDA out of memory"
+        # torch's message goes on about allocator settings; what was asked for and what is free comes first
+        first_line = ". ".join(first_line.split(". ")[:3])
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
         raise PeftbenchError(f"out of GPU memory during {stage} ({first_line}).", _lean_fix(stage, recipe)) from None
