@@ -105,6 +105,7 @@ class TrainResult:
     loss_history: list[dict] = field(default_factory=list)  # Trainer log_history entries
     peak_memory_bytes: int | None = None
     global_batch_size: int | None = None  # examples per optimiser step, summed over all processes
+    memory_samples: list[int] = field(default_factory=list)  # memory in use after each optimiser step
 
 
 class TrainerPlugin:

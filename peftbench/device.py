@@ -90,6 +90,18 @@ def peak_memory_bytes(device: str) -> int | None:
         return None
 
 
+def memory_in_use_bytes(device: str) -> int | None:
+    """Memory held right now: the CUDA caching allocator's reservation, else this process's resident set."""
+    if device == "cuda":
+        return torch.cuda.memory_reserved()
+    try:
+        import psutil  # an accelerate dependency
+
+        return psutil.Process().memory_info().rss
+    except Exception:  # pragma: no cover - psutil missing or unsupported platform
+        return None
+
+
 def reset_peak_memory(device: str) -> None:
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()

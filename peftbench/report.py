@@ -8,6 +8,7 @@ from rich.table import Table
 
 from peftbench.console import console
 from peftbench.evaluation import ROUGE_TYPES
+from peftbench.records import versions
 
 
 def human_bytes(n: int | None) -> str:
@@ -92,7 +93,7 @@ def render_run_report(record: dict) -> str:
     for name, st in info["stages"].items():
         status = st["status"] + (f": {st['error']}" if st.get("error") else "")
         lines.append(f"| {name} | {status} | {st.get('seconds', '')} |")
-    sysinfo, pkgs = meta.get("system_info", {}), meta.get("package_info", {})
+    sysinfo, pkgs = meta.get("system_info", {}), versions(meta.get("package_info", {}))
     lines += [
         "",
         f"Device: {sysinfo.get('accelerator') or sysinfo.get('device')} ({sysinfo.get('compute_dtype')}), "

@@ -22,7 +22,8 @@ from peftbench.errors import PeftbenchError, StageRefused
 from peftbench.evaluation import evaluate_model
 from peftbench.modeling import load_tokenizer, resolve_model_source
 from peftbench.recipe import ResolvedRecipe
-from peftbench.records import atomic_write_json, atomic_write_text, dir_size, new_record, package_versions, read_json, system_info
+from peftbench.records import (atomic_write_json, atomic_write_text, dir_size, memory_summary, new_record, package_versions,
+                               peft_config_record, peft_test_summary, read_json, system_info)
 from peftbench.records import atomic_directory
 from peftbench.report import render_run_report, print_run_summary
 from peftbench.resources import ensure_free_disk, out_of_memory_as_error, trainable_bytes
@@ -167,9 +168,7 @@ def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: b
         trainable, total = count_parameters(ctx.model)
         record["train_info"].update(num_trainable_params=trainable, num_total_params=total,
                                     trainable_percent=round(100 * trainable / total, 4))
-        peft_config = getattr(ctx.model, "peft_config", None)
-        if peft_config:
-            record["run_info"]["peft_config"] = {k: v.to_dict() for k, v in peft_config.items()}
+        record["run_info"]["peft_config"] = peft_config_record(getattr(ctx.model, "peft_config", None))
         console.print(f"{recipe.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
 
     from peftbench.chat import tokenize_for_training
@@ -185,6 +184,7 @@ def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: b
             tokens_seen=result.tokens_seen, tokens_per_second=round(result.tokens_seen / max(result.train_time_s, 1e-9), 1),
             final_loss=result.final_loss, accelerator_memory_max=result.peak_memory_bytes, metrics=result.loss_history,
             num_processes=processes.num_processes, global_batch_size=result.global_batch_size,
+            **memory_summary(result.memory_samples),
         )
 
     # Training was the one stage that needs every process; the rest happens once, on the main one.
@@ -201,6 +201,7 @@ def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: b
     with run.stage("finetuned_eval"), out_of_memory_as_error("finetuned_eval", recipe):
         finetuned = evaluate_with_progress("fine-tuned", ctx.model, ctx.tokenizer, recipe, eval_split)
         record["eval"]["finetuned"] = finetuned.as_record()
+        record["train_info"]["metrics"].append(peft_test_summary(record, train_rows=len(train_ds)))
         _write_predictions(run_dir / "predictions_finetuned.jsonl", eval_split, finetuned.predictions)
 
     for exporter, options in recipe.exporters:

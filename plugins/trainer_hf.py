@@ -5,11 +5,16 @@ from __future__ import annotations
 import time
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from peftbench.components import Options, TrainerPlugin, TrainResult
-from peftbench.device import peak_memory_bytes, reset_peak_memory
+from peftbench.device import memory_in_use_bytes, peak_memory_bytes, reset_peak_memory
 from peftbench.hookspecs import hookimpl
+
+# The modules transformers' is_<tracker>_available() look for. Asking transformers itself means
+# importing transformers.integrations, seconds that `peftbench validate` should not spend.
+TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",),
+                   "trackio": ("trackio",)}
 
 
 class HfTrainerOptions(Options):
@@ -30,8 +35,19 @@ class HfTrainerOptions(Options):
     save_total_limit: int | None = Field(2, gt=0, description="checkpoints kept on disk")
     max_eval_samples: int | None = Field(200, gt=0, description="validation rows used for the validation loss")
     report_to: list[Literal["tensorboard", "wandb", "mlflow", "trackio"]] = Field(
-        default_factory=list, description="experiment trackers the Trainer logs to (must be installed)"
+        default_factory=list,
+        description="experiment trackers the Trainer logs to (must be installed); tensorboard writes to checkpoints/runs/",
     )
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers_installed(cls, trackers: list[str]) -> list[str]:
+        import importlib.util
+
+        missing = [t for t in trackers if not any(importlib.util.find_spec(m) for m in TRACKER_MODULES[t])]
+        if missing:
+            raise ValueError(f"{', '.join(missing)} not installed (pip install {' '.join(missing)}, or remove it from report_to)")
+        return trackers
 
 
 class HfTrainer(TrainerPlugin):
@@ -80,6 +96,7 @@ class HfTrainer(TrainerPlugin):
             # not walk the autograd graph after each backward looking for unused ones.
             ddp_find_unused_parameters=False,
         )
+        memory = memory_sampler(policy.device)
         trainer = Trainer(
             model=model,
             args=args,
@@ -89,6 +106,7 @@ class HfTrainer(TrainerPlugin):
             # (DataCollatorForLanguageModeling would rebuild labels from input_ids and undo the masking).
             data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8),
             processing_class=tokenizer,
+            callbacks=[memory],
         )
         reset_peak_memory(policy.device)
         start = time.perf_counter()
@@ -102,8 +120,26 @@ class HfTrainer(TrainerPlugin):
             final_loss=losses[-1] if losses else None,
             loss_history=list(trainer.state.log_history),
             peak_memory_bytes=peak_memory_bytes(policy.device),
+            memory_samples=memory.samples,
             global_batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
         )
+
+
+def memory_sampler(device: str):
+    """A TrainerCallback recording the memory in use after every optimiser step (peft's reports give
+    its mean and 99th percentile besides the peak)."""
+    from transformers import TrainerCallback
+
+    class _MemorySampler(TrainerCallback):
+        def __init__(self):
+            self.samples: list[int] = []
+
+        def on_step_end(self, args, state, control, **kwargs):
+            used = memory_in_use_bytes(device)
+            if used is not None:
+                self.samples.append(used)
+
+    return _MemorySampler()
 
 
 def _last_checkpoint(output_dir: str) -> str | None:

@@ -26,7 +26,7 @@ def test_run_writes_a_complete_run_directory(tmp_path, write_recipe, tiny_model_
     assert train["steps"] == 3 and train["tokens_seen"] > 0
     assert 0 < train["num_trainable_params"] < train["num_total_params"]
     assert train["file_size"] > 0
-    assert record["meta_info"]["package_info"]["transformers"]
+    assert record["meta_info"]["package_info"]["transformers-version"]
     assert record["run_info"]["recipe"]["trainer"]["max_steps"] == 3  # the resolved recipe, overrides applied
     assert (run_dir / "recipe.yaml").is_file() and "ROUGE-1" in (run_dir / "report.md").read_text()
     predictions = read_jsonl(run_dir / "predictions_finetuned.jsonl")

@@ -1,0 +1,358 @@
+"""Comparisons: recipe expansion and validation, the report over run records, and a real two-method run."""
+
+import copy
+import struct
+
+import pytest
+import yaml
+
+from peftbench.cli import main
+from peftbench.compare import Run, load_runs, pareto_front, render_markdown, write_report
+from peftbench.comparison import load_comparison
+from peftbench.components import Capabilities, ExporterPlugin, ExportResult, MethodPlugin
+from peftbench.errors import PeftbenchError
+from peftbench.hookspecs import hookimpl
+from peftbench.plugins import registered
+from peftbench.records import atomic_write_json, new_record, read_json
+from peftbench.testing import tiny_recipe
+
+# --- expansion and validation --------------------------------------------------------------------
+
+
+@pytest.fixture
+def base_file(tmp_path, tiny_model_dir, tiny_data_dir):
+    path = tmp_path / "base.yaml"
+    path.write_text(yaml.safe_dump(tiny_recipe(tiny_model_dir, tiny_data_dir, {"name": "lora", "r": 4, "alpha": 8})))
+    return path
+
+
+def write_comparison(tmp_path, **spec):
+    path = tmp_path / "compare.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def test_methods_seeds_and_grids_expand_into_named_runs(tmp_path, base_file):
+    path = write_comparison(
+        tmp_path, base=str(base_file), seeds=[1, 2], grid={"trainer.learning_rate": [1e-4, 1e-3]},
+        methods=["lora", {"method": {"name": "qlora", "r": 2}, "grid": {"method.r": [2, 8]}}],
+        output_dir=str(tmp_path / "out"),
+    )
+    comparison = load_comparison(path, overrides=["evaluation.max_new_tokens=5"])
+    names = [r.name for r in comparison.runs]
+    assert names == [f"lora-learning_rate{lr}-seed{s}" for lr in ("0.0001", "0.001") for s in (1, 2)] + [
+        f"qlora-learning_rate{lr}-r{r}-seed{s}" for lr in ("0.0001", "0.001") for r in (2, 8) for s in (1, 2)]
+    by_name = {r.name: r for r in comparison.runs}
+    lora = by_name["lora-learning_rate0.001-seed2"]
+    assert lora.seed == 2 and lora.raw["seed"] == 2 and lora.grid == {"trainer.learning_rate": 0.001}
+    assert lora.raw["method"] == {"name": "lora", "r": 4, "alpha": 8}, "same method as the base: options merged"
+    assert lora.raw["trainer"]["learning_rate"] == 0.001
+    qlora = by_name["qlora-learning_rate0.0001-r8-seed1"]
+    assert qlora.raw["method"] == {"name": "qlora", "r": 8}, "another method replaces the base's options"
+    assert qlora.config == "qlora-learning_rate0.0001-r8" and qlora.label == "qlora"
+    # Data, prompt, evaluation and budget are the base's in every run; the command line applies to all.
+    for run in comparison.runs:
+        assert run.raw["dataset"] == lora.raw["dataset"] and run.raw["prompt"] == lora.raw["prompt"]
+        assert run.raw["evaluation"]["max_new_tokens"] == 5
+        assert run.raw["trainer"]["max_steps"] == 4
+    assert comparison.output_dir == tmp_path / "out"
+    assert comparison.report_path == tmp_path / "out" / "comparison.md"
+
+
+def test_an_entry_takes_method_and_optimiser_settings_from_a_method_recipe(tmp_path, base_file, tiny_model_dir, tiny_data_dir):
+    method_recipe = tmp_path / "ia3_like.yaml"
+    other = tiny_recipe(tiny_model_dir, tiny_data_dir, {"name": "qlora", "r": 16})
+    other["trainer"].update(learning_rate=0.05, warmup_steps=3, max_steps=99, batch_size=1)
+    method_recipe.write_text(yaml.safe_dump(other))
+    path = write_comparison(tmp_path, base=str(base_file), methods=[{"recipe": str(method_recipe), "trainer": {"warmup_steps": 1}}])
+    (run,) = load_comparison(path).runs
+    assert run.raw["method"] == {"name": "qlora", "r": 16}
+    assert run.raw["trainer"]["learning_rate"] == 0.05 and run.raw["trainer"]["warmup_steps"] == 1, "the entry wins"
+    assert (run.raw["trainer"]["max_steps"], run.raw["trainer"]["batch_size"]) == (4, 4), "the base keeps the budget"
+    assert any("batch_size, max_steps" in note for note in run.notes)
+
+
+class NeedsMerge(ExporterPlugin):
+    name = "needs_merge"
+    requires = ("mergeable",)
+
+    def export(self, options, ctx):
+        return ExportResult(files={})
+
+
+class Unmergeable(MethodPlugin):
+    name = "unmergeable"
+    capabilities = Capabilities(mergeable=False)
+
+
+class CapabilityPlugin:
+    @hookimpl
+    def peftbench_register_exporters(self, register):
+        register(NeedsMerge)
+
+    @hookimpl
+    def peftbench_register_methods(self, register):
+        register(Unmergeable)
+
+
+def test_exporter_a_method_cannot_take_is_left_out_with_a_note(tmp_path, tiny_model_dir, tiny_data_dir):
+    base = tiny_recipe(tiny_model_dir, tiny_data_dir, {"name": "lora"}, exporters=[{"name": "adapter"}, {"name": "needs_merge"}])
+    path = write_comparison(tmp_path, base=base, methods=["lora", "unmergeable"])
+    with registered(CapabilityPlugin()):
+        lora, unmergeable = load_comparison(path).runs
+    assert [e["name"] for e in lora.raw["exporters"]] == ["adapter", "needs_merge"] and not lora.notes
+    assert [e["name"] for e in unmergeable.raw["exporters"]] == ["adapter"]
+    assert unmergeable.notes == ["exporter 'needs_merge' left out: method 'unmergeable' is not mergeable"]
+    assert unmergeable.annotation()["notes"] == unmergeable.notes
+
+
+def test_every_problem_of_every_run_is_reported_before_anything_runs(tmp_path, base_file, capsys):
+    path = write_comparison(
+        tmp_path, base=str(base_file), output_dir=str(tmp_path / "out"),
+        methods=["lora", {"method": "qlora", "trainer": {"max_steps": 9}}, {"method": "lora", "trainer": {"learning_rat": 1}},
+                 {"method": "nosuchmethod"}],
+    )
+    assert main(["run", str(path)]) == 2
+    out = capsys.readouterr().out
+    assert out.count("error:") == 1, "one message"
+    assert "two entries are named 'lora'" in out
+    assert "trainer.learning_rat: unknown key. Did you mean 'learning_rate'?" in out
+    assert "unknown method 'nosuchmethod'" in out
+    assert "runs differ in training budget: max_steps=4 (lora) vs max_steps=9 (qlora)" in " ".join(out.split())
+    assert not (tmp_path / "out").exists()
+
+
+def test_comparison_file_errors_are_named(tmp_path):
+    path = write_comparison(tmp_path, base="recipes/quickstart.yaml", methods=[], grid={"r": [1]}, seed=[1])
+    with pytest.raises(PeftbenchError) as e:
+        load_comparison(path)
+    assert "methods: List should have at least 1 item" in e.value.problem
+    assert "seed: unknown key. Did you mean 'seeds'?" in e.value.problem
+    assert "grid key 'r' must be a section path" in e.value.problem
+
+
+def test_shipped_comparisons_validate():
+    assert [r.name for r in load_comparison("recipes/compare_quickstart.yaml").runs] == [
+        "qlora", "lora", "prefix_tuning", "ia3", "bitfit"]
+    samsum = load_comparison("recipes/compare_samsum.yaml", ["model.name=./tests"])  # a local model path is accepted
+    assert {r.raw["method"]["name"] for r in samsum.runs} == {"qlora", "lora", "prefix_tuning", "ia3", "bitfit"}
+    assert {r.raw["model"]["name"] for r in samsum.runs} == {"./tests"}
+
+
+# --- the report, on records written here ---------------------------------------------------------
+
+
+def fake_record(name, method, *, rouge1, seed=0, failed=False, gguf=None, trainable=1000, grid=None, config=None,
+                notes=(), memory=2 * 2**30, losses=(2.0, 1.5, 1.2)):
+    recipe = {"seed": seed, "model": {"name": "tiny"}, "method": {"name": method, "r": 8},
+              "trainer": {"name": "hf", "epochs": 1, "max_steps": 10, "batch_size": 4, "grad_accum": 2, "learning_rate": 1e-3},
+              "dataset": {"name": "chatsum"}}
+    record = new_record(recipe, experiment_name=name)
+    record["run_info"]["created_at"] = f"2026-01-0{seed + 1}T00:00:00+00:00"  # differs per run; never in the report
+    record["meta_info"] = {
+        "model_id": "tiny", "dataset_info": {"name": "chatsum", "eval_split": "test", "eval_rows": 60},
+        "package_info": {"torch-version": "2.13.0", "peft-version": "0.21.2"},
+        "system_info": {"device": "cpu", "compute_dtype": "float32", "cpu_count": 2, "system": "Linux", "machine": "x86_64",
+                        "python": "3.12.0", "accelerator": None},
+    }
+    record["eval"]["baseline"] = {"rouge1": 20.0, "rouge2": 5.0, "rougeL": 15.0, "rougeLsum": 16.0, "n": 60, "eval_time_s": 30.0}
+    if config:
+        record["run_info"]["comparison"] = {"config": config, "label": method, "seed": seed, "grid": grid or {}, "notes": list(notes)}
+    if failed:
+        record["run_info"].update(status="failed", error_msg="RuntimeError: out of memory")
+        return record
+    record["run_info"]["status"] = "success"
+    record["train_info"].update(
+        status="success", num_trainable_params=trainable, num_total_params=100_000, trainable_percent=100 * trainable / 100_000,
+        file_size=trainable * 4 + 1000, train_time=100.0 + trainable / 100, steps=10, tokens_seen=50_000,
+        tokens_per_second=round(50_000 / (100.0 + trainable / 100), 1), final_loss=losses[-1], accelerator_memory_max=memory,
+        metrics=[{"loss": loss, "step": 5 * (i + 1), "epoch": 0.5 * (i + 1)} for i, loss in enumerate(losses)],
+    )
+    record["eval"]["finetuned"] = {"rouge1": rouge1, "rouge2": rouge1 / 4, "rougeL": rouge1 * 0.8, "rougeLsum": rouge1 * 0.9,
+                                   "n": 60, "eval_time_s": 40.0}
+    if gguf is not None:
+        record["eval"]["gguf"] = {"rouge1": gguf, "n": 60}
+    return record
+
+
+def write_runs(root, records):
+    for record in records:
+        atomic_write_json(root / record["run_info"]["experiment_name"] / "run.json", record)
+    return root
+
+
+def three_methods():
+    return [
+        fake_record("lora", "lora", rouge1=31.2, trainable=2000, gguf=30.5),
+        fake_record("ia3", "ia3", rouge1=25.0, trainable=100, memory=1 * 2**30),
+        fake_record("prefix_tuning", "prefix_tuning", rouge1=0.0, failed=True),
+    ]
+
+
+def table_rows(markdown):
+    lines = markdown.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| method |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = {}
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0]] = dict(zip(header, cells))
+    return rows
+
+
+def test_table_values_best_marks_and_failed_rows(tmp_path):
+    runs = load_runs([write_runs(tmp_path / "runs", three_methods())])
+    markdown = render_markdown(runs, title="t", command="peftbench report runs -o r.md")
+    rows = table_rows(markdown)
+    assert list(rows) == ["base model (no training)", "ia3", "lora", "prefix_tuning — **failed**"]
+    lora, ia3 = rows["lora"], rows["ia3"]
+    assert lora["ROUGE-1 (Δ base)"] == "**31.20 (+11.20)**", "highest ROUGE-1 in bold, change against the base"
+    assert ia3["ROUGE-1 (Δ base)"] == "25.00 (+5.00)"
+    assert rows["base model (no training)"]["ROUGE-1 (Δ base)"] == "20.00"
+    assert ia3["trainable params"] == "**100 (0.100%)**" and lora["trainable params"] == "2,000 (2.000%)"
+    assert ia3["peak memory"] == "**1.0 GiB**" and lora["peak memory"] == "2.0 GiB"
+    assert lora["GGUF Q4_K_M ROUGE-1"] == "**30.50**" and ia3["GGUF Q4_K_M ROUGE-1"] == "—"
+    assert ia3["train time"] == "**101.0 s**" and lora["non-pad tokens/s"] == "417"
+    assert set(rows["prefix_tuning — **failed**"].values()) == {"prefix_tuning — **failed**", "—"}
+    assert "prefix_tuning failed: RuntimeError: out of memory" in markdown
+    assert "peftbench report runs -o r.md" in markdown.split("## ")[0], "the regenerating command comes first"
+    assert "cpu (float32, 2 CPU cores, Linux x86_64), Python 3.12.0; torch 2.13.0, peft 0.21.2" in markdown
+
+
+def test_same_records_give_identical_markdown_in_any_order(tmp_path):
+    records = three_methods()
+    a = write_runs(tmp_path / "a", records)
+    b = write_runs(tmp_path / "b", copy.deepcopy(records))
+    first = render_markdown(load_runs([a]), title="t")
+    assert render_markdown(load_runs([a]), title="t") == first
+    assert render_markdown(list(reversed(load_runs([b]))), title="t") == first, "paths and input order do not matter"
+    one, two = write_report([a], tmp_path / "one" / "r.md"), write_report([b], tmp_path / "two" / "r.md")
+    assert one.read_bytes() == two.read_bytes()
+
+
+def test_seeds_give_mean_and_spread_and_grids_are_ranked(tmp_path):
+    records = [fake_record(f"lora-lr{lr}-seed{s}", "lora", rouge1=r, seed=s, config=f"lora-lr{lr}", grid={"trainer.learning_rate": lr})
+               for lr, scores in ((0.001, (30.0, 32.0)), (0.01, (20.0, 22.0))) for s, r in zip((1, 2), scores)]
+    records.append(fake_record("lora-lr0.1-seed1", "lora", rouge1=0, seed=1, config="lora-lr0.1", failed=True,
+                               grid={"trainer.learning_rate": 0.1}))
+    markdown = render_markdown([Run(r) for r in records], title="t")
+    rows = table_rows(markdown)
+    assert rows["lora-lr0.001 (2 seeds)"]["ROUGE-1 (Δ base)"] == "**31.00 ± 1.41 (+11.00)**"
+    assert rows["lora-lr0.01 (2 seeds)"]["ROUGE-1 (Δ base)"] == "21.00 ± 1.41 (+1.00)"
+    assert "lora-lr0.1 — **failed**" in rows
+    ranking = markdown.split("## Ranking by ROUGE-1")[1].split("##")[0]
+    assert ranking.index("lora-lr0.001") < ranking.index("lora-lr0.01")
+    assert "| 1 | lora-lr0.001 | trainer.learning_rate=0.001 | 31.00 ± 1.41 | +11.00 |" in ranking
+    assert "seeds: 1, 2." in markdown
+
+
+def test_plots_are_png_files_beside_the_report(tmp_path):
+    out = write_report([write_runs(tmp_path / "runs", three_methods())], tmp_path / "reports" / "cmp.md")
+    markdown = out.read_text()
+    names = ["cmp_rouge1_vs_params.png", "cmp_rouge1_vs_train_time.png", "cmp_rouge1_vs_memory.png", "cmp_loss.png"]
+    import matplotlib.image
+
+    for name in names:
+        data = (out.parent / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", data[16:24])
+        assert width > 300 and height > 200
+        assert matplotlib.image.imread(out.parent / name).shape[:2] == (height, width)
+        assert f"({name})" in markdown
+
+
+def test_pareto_front_keeps_points_nothing_beats():
+    points = [(1, 10), (2, 30), (3, 20), (4, 40), (4, 35), (0.5, 5)]
+    assert pareto_front(points) == [(0.5, 5), (1, 10), (2, 30), (4, 40)]
+
+
+def test_report_cli_accepts_run_dirs_and_parents(tmp_path, capsys):
+    root = write_runs(tmp_path / "runs", three_methods())
+    out = tmp_path / "r.md"
+    assert main(["report", str(root / "lora"), str(root), "-o", str(out)]) == 0
+    assert len([line for line in out.read_text().splitlines() if line.startswith("| ") and "—" in line]) >= 1
+    assert set(table_rows(out.read_text())) == {"base model (no training)", "ia3", "lora", "prefix_tuning — **failed**"}
+    assert main(["report", str(tmp_path / "nothing"), "-o", str(out)]) == 2
+    assert "is not a run directory" in capsys.readouterr().out
+
+
+# --- end to end ------------------------------------------------------------------------------------
+
+
+def test_two_methods_compared_end_to_end(tmp_path, base_file):
+    """lora and qlora on the tiny model, each in its own process, plus a run that fails at training
+    time: the comparison goes on, records it, and the report shows all three."""
+    path = write_comparison(
+        tmp_path, base=str(base_file), output_dir=str(tmp_path / "runs"), report=str(tmp_path / "reports" / "cmp.md"),
+        methods=["lora", {"method": {"name": "qlora", "r": 4}},
+                 {"label": "broken", "method": {"name": "lora", "target_modules": ["no_such_proj"]}}],
+    )
+    assert main(["run", str(path), "trainer.max_steps=2", "evaluation.max_samples=2"]) == 1, "a run failed"
+    records = {d.name: read_json(d / "run.json") for d in (tmp_path / "runs").iterdir() if (d / "run.json").is_file()}
+    assert set(records) == {"lora", "qlora", "broken"}
+    for name in ("lora", "qlora"):
+        record = records[name]
+        assert record["run_info"]["status"] == "success"
+        assert record["run_info"]["comparison"]["config"] == name
+        assert record["train_info"]["steps"] == 2 and record["eval"]["finetuned"]["n"] == 2
+    assert records["broken"]["run_info"]["status"] == "failed" and "no_such_proj" in records["broken"]["run_info"]["error_msg"]
+
+    # What peft's method_comparison/processing.py reads from each record is there, with its types.
+    record = records["qlora"]
+    info, train, meta = record["run_info"], record["train_info"], record["meta_info"]
+    assert info["peft_config"]["peft_type"] == "LORA" and isinstance(info["peft_config"]["target_modules"], list)
+    assert info["train_config"]["model_id"] == record["run_info"]["recipe"]["model"]["name"] and "peft_branch" in info
+    assert train["status"] == "success" and isinstance(train["file_size"], int) and isinstance(train["train_time"], float)
+    for key in ("accelerator_memory_max", "accelerator_memory_reserved_avg", "accelerator_memory_reserved_99th"):
+        assert isinstance(train[key], int) and train[key] > 0
+    last = train["metrics"][-1]
+    assert last["test accuracy"] == pytest.approx(record["eval"]["finetuned"]["rouge1"] / 100)
+    assert last["train total tokens"] == train["tokens_seen"] and last["train samples"] == 8  # 2 steps x batch 4
+    assert isinstance(last["train loss"], float)
+    for package in ("peft", "transformers", "datasets", "torch", "bitsandbytes"):
+        assert meta["package_info"][f"{package}-version"]
+
+    rows = table_rows((tmp_path / "reports" / "cmp.md").read_text())
+    assert set(rows) == {"base model (no training)", "broken — **failed**", "lora", "qlora"}
+    assert (tmp_path / "reports" / "cmp_loss.png").is_file()
+    assert "peftbench run" in (tmp_path / "reports" / "cmp.md").read_text().splitlines()[4]
+
+    # Run again: finished runs are refused unless resumed, and resuming keeps them.
+    assert main(["run", str(path), "trainer.max_steps=2", "evaluation.max_samples=2"]) == 2
+    before = (tmp_path / "runs" / "lora" / "run.json").read_text()
+    lora_only = write_comparison(tmp_path, base=str(base_file), output_dir=str(tmp_path / "runs"),
+                                 report=str(tmp_path / "reports" / "cmp.md"), methods=["lora"])
+    assert main(["run", str(lora_only), "trainer.max_steps=2", "evaluation.max_samples=2", "--resume"]) == 0
+    assert (tmp_path / "runs" / "lora" / "run.json").read_text() == before
+
+
+# --- trackers --------------------------------------------------------------------------------------
+
+
+def _tensorboard_installed() -> bool:
+    import importlib.util
+
+    return any(importlib.util.find_spec(m) for m in ("tensorboard", "tensorboardX"))
+
+
+@pytest.mark.skipif(_tensorboard_installed(), reason="tensorboard is installed here")
+def test_a_tracker_that_is_not_installed_is_named_before_running(write_recipe, capsys):
+    assert main(["validate", str(write_recipe()), "trainer.report_to=[tensorboard]"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "trainer.report_to: Value error, tensorboard not installed (pip install tensorboard" in out
+
+
+@pytest.mark.skipif(not _tensorboard_installed(), reason="tensorboard is not installed")
+def test_training_logs_to_tensorboard_when_asked(tmp_path, write_recipe):
+    run_dir = tmp_path / "run"
+    assert main(["run", str(write_recipe()), "--output-dir", str(run_dir), "trainer.max_steps=2",
+                 "trainer.report_to=[tensorboard]", "evaluation.max_samples=1"]) == 0
+    events = list((run_dir / "checkpoints" / "runs").rglob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    accumulator = EventAccumulator(str(events[0].parent))
+    accumulator.Reload()
+    assert "train/loss" in accumulator.Tags()["scalars"]
