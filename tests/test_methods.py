@@ -19,35 +19,46 @@ from peftbench.targets import module_matches
 from peftbench.testing import tiny_recipe
 
 METHODS = ("lora", "qlora", "prefix_tuning", "ia3", "bitfit")
+FAMILIES = ("llama", "qwen2", "mistral", "gemma", "gemma2", "gpt2")
 TINY = dict(vocab_size=256, num_hidden_layers=2)
 
 
-def _family_configs():
+def _family_configs(vocab_size: int):
     from transformers import Gemma2Config, GemmaConfig, GPT2Config, LlamaConfig, MistralConfig, Qwen2Config
 
-    llama_like = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2, **TINY)
+    llama_like = dict(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      num_hidden_layers=2, vocab_size=vocab_size)
     return {
         "llama": LlamaConfig(**llama_like),
         "qwen2": Qwen2Config(**llama_like),
         "mistral": MistralConfig(**llama_like),
         "gemma": GemmaConfig(head_dim=8, **llama_like),
         "gemma2": Gemma2Config(head_dim=8, **llama_like),
-        "gpt2": GPT2Config(vocab_size=256, n_embd=32, n_layer=2, n_head=4, n_positions=128),
+        "gpt2": GPT2Config(vocab_size=vocab_size, n_embd=32, n_layer=2, n_head=4, n_positions=128),
     }
 
 
 @pytest.fixture(scope="module")
-def family_dirs(tmp_path_factory) -> dict[str, Path]:
-    """One tiny randomly initialised checkpoint per architecture family."""
-    from transformers import AutoModelForCausalLM
+def family_dirs(tmp_path_factory, tiny_model_dir) -> dict[str, Path]:
+    """One tiny randomly initialised checkpoint per architecture family, with the tiny model's
+    tokenizer (prefix tuning's default initialisation tokenizes a text)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    vocab_size = AutoConfig.from_pretrained(tiny_model_dir).vocab_size
     dirs = {}
-    for family, config in _family_configs().items():
+    for family, config in _family_configs(vocab_size).items():
         torch.manual_seed(0)
         directory = tmp_path_factory.mktemp(family)
         AutoModelForCausalLM.from_config(config).save_pretrained(directory)
+        _copy_tokenizer(tiny_model_dir, directory)
         dirs[family] = directory
     return dirs
+
+
+def _copy_tokenizer(model_dir: Path, target: Path) -> None:
+    for path in model_dir.iterdir():
+        if path.suffix != ".safetensors" and path.name not in ("config.json", "generation_config.json"):
+            shutil.copy(path, target)
 
 
 def _context(model_dir: Path, data_dir: Path, method: dict, run_dir: Path) -> RunContext:
@@ -64,7 +75,7 @@ def _module_names(model) -> list[str]:
     return [name for name, _ in model.named_modules()]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "gemma", "gemma2", "gpt2"])
+@pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("method_name", METHODS)
 def test_default_targets_exist_in_each_family(family, method_name, family_dirs, tiny_data_dir, tmp_path):
     ctx = _context(family_dirs[family], tiny_data_dir, {"name": method_name}, tmp_path)
@@ -124,9 +135,7 @@ def _untied_copy(model_dir: Path, target: Path) -> Path:
     config.tie_word_embeddings = False
     torch.manual_seed(0)
     AutoModelForCausalLM.from_pretrained(model_dir, config=config, dtype=torch.float32).save_pretrained(target)
-    for path in model_dir.iterdir():
-        if path.suffix != ".safetensors" and path.name != "config.json":
-            shutil.copy(path, target)
+    _copy_tokenizer(model_dir, target)
     return target
 
 
@@ -151,6 +160,36 @@ def test_prefix_tuning_batched_left_padded_generation_matches_one_by_one(tmp_pat
     with model.disable_adapter():
         without_prefix = generate_summaries(model, tokenizer, prompt, dialogues, batch_size=len(dialogues), max_new_tokens=12)
     assert without_prefix != batched, "the prefix should change what is generated"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_initialised_from_text_acts_as_that_text_before_the_prompt(family, family_dirs, tiny_data_dir, tmp_path):
+    from peftbench.modeling import load_tokenizer
+    from peftbench_plugins.method_prefix_tuning import prefix_token_ids
+
+    text, length = "Summarize the dialogue.", 7
+    method = {"name": "prefix_tuning", "num_virtual_tokens": length, "init_text": text}
+    model = _apply(_context(family_dirs[family], tiny_data_dir, method, tmp_path))
+    text_ids = prefix_token_ids(load_tokenizer(str(family_dirs[family])), text, length)
+    prompt = torch.tensor([[11, 12, 13, 14, 15]])
+    model.eval()
+    with torch.no_grad():
+        with_prefix = model(input_ids=prompt).logits
+        with model.disable_adapter():
+            with_text = model(input_ids=torch.cat([torch.tensor([text_ids]), prompt], dim=1)).logits[:, length:]
+    torch.testing.assert_close(with_prefix, with_text, rtol=1e-4, atol=1e-4)
+
+
+def test_prefix_tuning_random_initialisation_when_init_text_is_null(tiny_model_dir, tiny_data_dir, tmp_path):
+    method = {"name": "prefix_tuning", "num_virtual_tokens": 4, "init_text": None}
+    model = _apply(_context(tiny_model_dir, tiny_data_dir, method, tmp_path))
+    weight = model.prompt_encoder["default"].embedding.weight
+    assert 0.8 < float(weight.std()) < 1.2, "peft's nn.Embedding default: N(0, 1)"
+
+
+def test_prefix_tuning_rejects_init_text_with_projection(tiny_model_dir, tiny_data_dir):
+    with pytest.raises(PeftbenchError, match="prefix_projection"):
+        validate_recipe(tiny_recipe(tiny_model_dir, tiny_data_dir, {"name": "prefix_tuning", "prefix_projection": True}))
 
 
 # --- BitFit --------------------------------------------------------------------------------------
@@ -236,9 +275,7 @@ def test_bitfit_merged_model_runs_in_llama_cpp(tiny_model_dir, tiny_data_dir, tm
     ctx = _context(tiny_model_dir, tiny_data_dir, {"name": "bitfit"}, tmp_path)
     merged = ctx.recipe.method.merge(_train_biases(_apply(ctx)), ctx)
     merged.save_pretrained(tmp_path / "merged")
-    for tokenizer_file in tiny_model_dir.iterdir():
-        if tokenizer_file.suffix != ".safetensors" and tokenizer_file.name != "config.json":
-            shutil.copy(tokenizer_file, tmp_path / "merged")
+    _copy_tokenizer(tiny_model_dir, tmp_path / "merged")
     gguf = tmp_path / "merged.gguf"
     subprocess.run([converter, str(tmp_path / "merged"), "--outfile", str(gguf), "--outtype", "f32"],
                    check=True, capture_output=True)
