@@ -330,3 +330,21 @@ def test_ia3_feedforward_modules_must_be_targeted(tiny_model_dir, tiny_data_dir,
     ctx = _context(tiny_model_dir, tiny_data_dir, method, tmp_path)
     with pytest.raises(PeftbenchError, match="feedforward_modules"):
         _apply(ctx)
+
+
+# --- shipped per-method quickstart recipes -------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "methods").glob("*_quickstart.yaml")), ids=lambda p: p.stem)
+def test_method_quickstarts_differ_from_the_quickstart_only_in_method_and_learning_rate(path):
+    """So their before/after ROUGE compares with the QLoRA quickstart's."""
+    from peftbench.recipe import read_recipe_file
+
+    quickstart, recipe = read_recipe_file(ROOT / "recipes" / "quickstart.yaml"), read_recipe_file(path)
+    assert recipe["method"]["name"] == path.stem.removesuffix("_quickstart")
+    for r in (quickstart, recipe):
+        r.pop("method")
+        r["trainer"].pop("learning_rate")
+    assert recipe == quickstart
