@@ -332,6 +332,26 @@ def test_ia3_feedforward_modules_must_be_targeted(tiny_model_dir, tiny_data_dir,
         _apply(ctx)
 
 
+# --- through the runner ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method_name", ["bitfit", "prefix_tuning"])
+def test_runs_end_to_end_through_the_cli(method_name, tmp_path, write_recipe):
+    """The runner saves, evaluates and records a method through its plugin interface alone
+    (bitfit has no peft model; prefix tuning generates through its prefix)."""
+    from peftbench.cli import main
+    from peftbench.records import read_json
+
+    run_dir = tmp_path / "run"
+    recipe = write_recipe({"name": method_name}, evaluation={"max_samples": 2})
+    assert main(["run", str(recipe), "--output-dir", str(run_dir), "trainer.max_steps=2"]) == 0
+    record = read_json(run_dir / "run.json")
+    assert record["run_info"]["status"] == "success"
+    assert 0 < record["train_info"]["num_trainable_params"] < record["train_info"]["num_total_params"]
+    assert record["train_info"]["file_size"] > 0 and any((run_dir / "adapter").iterdir())
+    assert record["eval"]["finetuned"]["n"] == 2
+
+
 # --- shipped per-method quickstart recipes -------------------------------------------------------
 
 ROOT = Path(__file__).resolve().parents[1]
