@@ -192,6 +192,19 @@ def test_prefix_tuning_rejects_init_text_with_projection(tiny_model_dir, tiny_da
         validate_recipe(tiny_recipe(tiny_model_dir, tiny_data_dir, {"name": "prefix_tuning", "prefix_projection": True}))
 
 
+def test_exporters_that_need_merged_weights_refuse_prefix_tuning_before_anything_runs(tiny_model_dir, tiny_data_dir):
+    from peftbench.plugins import get_host
+
+    needs_merge = [name for name, e in get_host().exporters.items() if "mergeable" in e.requires]
+    assert needs_merge, "expected at least one exporter that needs a merged model"
+    recipe = tiny_recipe(tiny_model_dir, tiny_data_dir, {"name": "prefix_tuning"},
+                         exporters=[{"name": name} for name in needs_merge])
+    with pytest.raises(PeftbenchError) as error:
+        validate_recipe(recipe)
+    for name in needs_merge:
+        assert f"'{name}' needs a method that is mergeable" in error.value.problem
+
+
 # --- BitFit --------------------------------------------------------------------------------------
 
 
