@@ -228,6 +228,14 @@ class GgufExporter(ExporterPlugin):
     Options = GgufOptions
     requires = ("mergeable", "gguf_exportable")
 
+    def estimated_bytes(self, options: GgufOptions, ctx) -> int:
+        """The merged checkpoint (in the evaluated dtype, unless already written), the converter's
+        16-bit GGUF and the quantised one (at most ~1 byte per weight for the types offered here)."""
+        from peftbench.resources import merged_model_bytes
+
+        per_param = (0 if (ctx.exports_dir / "merged").is_dir() else ctx.policy.compute_dtype.itemsize) + 2 + 1
+        return merged_model_bytes(ctx.model, bytes_per_param=per_param)
+
     def export(self, options: GgufOptions, ctx) -> ExportResult:
         out_dir = ctx.exports_dir / "gguf"
         checkpoint, merge_info = merged_checkpoint(ctx)

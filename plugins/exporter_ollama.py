@@ -209,6 +209,9 @@ class OllamaExporter(ExporterPlugin):
     requires = ("mergeable", "gguf_exportable")
     after = ("gguf",)
 
+    def estimated_bytes(self, options: OllamaOptions, ctx) -> int:
+        return 0  # a few lines of text beside the GGUF
+
     def export(self, options: OllamaOptions, ctx) -> ExportResult:
         from peftbench.smoke import ollama_live_check, user_message
 

@@ -279,7 +279,7 @@ def parse_modelfile(text: str) -> dict:
     }
 
 
-def test_modelfile_template_and_stop_tokens_follow_the_tokenizer(scripted_run):
+def test_modelfile_template_and_stop_tokens_follow_the_tokenizer(scripted_run, tmp_path):
     from transformers import AutoTokenizer
 
     from peftbench_plugins.exporter_ollama import go_template, probe_conversations, template_pieces
@@ -296,19 +296,18 @@ def test_modelfile_template_and_stop_tokens_follow_the_tokenizer(scripted_run):
     assert modelfile["parameters"] == {"temperature": "0.0"}  # no sampling advice in generation_config: greedy, as evaluated
     pieces = template_pieces(tokenizer)
     assert modelfile["template"] == go_template(pieces)
+    render_go = go_template_renderer(tmp_path) if shutil.which("go") else None
     conversations = probe_conversations() + [[{"role": "user", "content": "Summarize this dialogue:\nA: {{ hi }}"}]]
     for conversation in conversations:
         expected = tokenizer.apply_chat_template(conversation, tokenize=False,
                                                  add_generation_prompt=conversation[-1]["role"] != "assistant")
         assert pieces.render(conversation) == expected
-        if shutil.which("go"):
-            assert render_go_template(modelfile["template"], conversation) == expected
+        if render_go is not None:
+            assert render_go(modelfile["template"], conversation) == expected
 
 
-def render_go_template(template: str, messages: list[dict]) -> str:
+def go_template_renderer(directory: Path):
     """Render with Go's text/template, as Ollama does (only where a Go toolchain is installed)."""
-    import tempfile
-
     program = """package main
 import ("encoding/json"; "os"; "text/template")
 type Message struct { Role string; Content string }
@@ -318,12 +317,15 @@ func main() {
     template.Must(template.New("t").Parse(os.Args[1])).Execute(os.Stdout, data)
 }
 """
-    with tempfile.TemporaryDirectory() as d:
-        (Path(d) / "main.go").write_text(program)
-        out = subprocess.run(["go", "run", "main.go", template, json.dumps([{"Role": m["role"], "Content": m["content"]}
-                                                                           for m in messages])],
-                             cwd=d, capture_output=True, text=True, check=True, env={**os.environ, "GO111MODULE": "off"})
-    return out.stdout
+    (directory / "main.go").write_text(program)
+    subprocess.run(["go", "build", "-o", "render", "main.go"], cwd=directory, check=True, capture_output=True,
+                   env={**os.environ, "GO111MODULE": "off", "GOCACHE": str(directory / "cache")})
+
+    def render(template: str, messages: list[dict]) -> str:
+        data = json.dumps([{"Role": m["role"], "Content": m["content"]} for m in messages])
+        return subprocess.run([str(directory / "render"), template, data], capture_output=True, text=True, check=True).stdout
+
+    return render
 
 
 def test_template_that_rewrites_content_is_left_to_ollama(tiny_model_dir):
