@@ -238,7 +238,7 @@ def _table(groups: list[Group], columns: list[Column]) -> list[str]:
     best: dict[str, str] = {}
     for col in columns:
         stats = [g.stats[col.key] for g in groups if g.ok_runs and col.key in g.stats]
-        if stats:
+        if len(stats) > 1:  # a lone value is not "best" of anything
             pick = max if col.better == "max" else min
             best[col.key] = col.best_text(pick(stats, key=lambda s: s.mean))
     lines = ["| method | " + " | ".join(c.header for c in columns) + " |",

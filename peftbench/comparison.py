@@ -206,7 +206,7 @@ def _drop_unsupported_exporters(raw: dict, host: Host) -> list[str]:
         name = ref.get("name") if isinstance(ref, dict) else None
         missing = [c for c in host.exporters.get(name).requires if not getattr(caps, c, False)] if name in host.exporters else []
         if missing:
-            notes.append(f"exporter '{name}' left out: method '{method_name}' is not {', '.join(missing)}")
+            notes.append(f"exporter '{name}' left out: method '{method_name}' lacks {', '.join(missing)}")
         else:
             kept.append(ref)
     raw["exporters"] = kept

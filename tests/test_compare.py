@@ -102,7 +102,7 @@ def test_exporter_a_method_cannot_take_is_left_out_with_a_note(tmp_path, tiny_mo
         lora, unmergeable = load_comparison(path).runs
     assert [e["name"] for e in lora.raw["exporters"]] == ["adapter", "needs_merge"] and not lora.notes
     assert [e["name"] for e in unmergeable.raw["exporters"]] == ["adapter"]
-    assert unmergeable.notes == ["exporter 'needs_merge' left out: method 'unmergeable' is not mergeable"]
+    assert unmergeable.notes == ["exporter 'needs_merge' left out: method 'unmergeable' lacks mergeable"]
     assert unmergeable.annotation()["notes"] == unmergeable.notes
 
 
@@ -213,7 +213,7 @@ def test_table_values_best_marks_and_failed_rows(tmp_path):
     assert rows["base model (no training)"]["ROUGE-1 (Δ base)"] == "20.00"
     assert ia3["trainable params"] == "**100 (0.100%)**" and lora["trainable params"] == "2,000 (2.000%)"
     assert ia3["peak memory"] == "**1.0 GiB**" and lora["peak memory"] == "2.0 GiB"
-    assert lora["GGUF Q4_K_M ROUGE-1"] == "**30.50**" and ia3["GGUF Q4_K_M ROUGE-1"] == "—"
+    assert lora["GGUF Q4_K_M ROUGE-1"] == "30.50" and ia3["GGUF Q4_K_M ROUGE-1"] == "—", "a lone value is not marked"
     assert ia3["train time"] == "**101.0 s**" and lora["non-pad tokens/s"] == "417"
     assert set(rows["prefix_tuning — **failed**"].values()) == {"prefix_tuning — **failed**", "—"}
     assert "prefix_tuning failed: RuntimeError: out of memory" in markdown
@@ -317,7 +317,8 @@ def test_two_methods_compared_end_to_end(tmp_path, base_file):
     rows = table_rows((tmp_path / "reports" / "cmp.md").read_text())
     assert set(rows) == {"base model (no training)", "broken — **failed**", "lora", "qlora"}
     assert (tmp_path / "reports" / "cmp_loss.png").is_file()
-    assert "peftbench run" in (tmp_path / "reports" / "cmp.md").read_text().splitlines()[4]
+    head = (tmp_path / "reports" / "cmp.md").read_text().split("## ")[0]
+    assert f"peftbench run {path} trainer.max_steps=2 evaluation.max_samples=2" in head, "the command that regenerates it"
 
     # Run again: finished runs are refused unless resumed, and resuming keeps them.
     assert main(["run", str(path), "trainer.max_steps=2", "evaluation.max_samples=2"]) == 2
