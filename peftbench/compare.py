@@ -223,14 +223,8 @@ def _columns(gguf_label: str | None) -> list[Column]:
 
 
 def _gguf_label(runs: list[Run]) -> str | None:
-    """The quantisation type of the GGUF scores, if any run has them (issue 4's exporter names it)."""
-    types = set()
-    for run in runs:
-        gguf = run.record.get("eval", {}).get("gguf")
-        if gguf:
-            export = run.record.get("exports", {}).get("gguf") or {}
-            types.add(str(gguf.get("quant_type") or gguf.get("type") or export.get("quant_type") or export.get("type")
-                          or DEFAULT_GGUF_TYPE))
+    """The quantisation type of the GGUF scores (the gguf exporter records it), if any run has them."""
+    types = {str(gguf.get("quant_type") or DEFAULT_GGUF_TYPE) for run in runs if (gguf := run.record.get("eval", {}).get("gguf"))}
     return "/".join(sorted(types)) if types else None
 
 
