@@ -46,14 +46,13 @@ def gguf_metadata(path: str | Path) -> dict:
         if name in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.scores"):
             continue
         out[name] = fld.contents()
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    for role in ("bos", "eos", "eot", "eom", "padding"):  # the special tokens' texts, e.g. eos_token: <|im_end|>
+        token_id = out.get(f"tokenizer.ggml.{role}_token_id")
+        if tokens is not None and token_id is not None:
+            out[f"{role}_token"] = tokens.contents(token_id)
     out["tensor_types"] = _count(t.tensor_type.name for t in reader.tensors)
     return out
-
-
-def gguf_token_text(path: str | Path, token_id: int) -> str:
-    from gguf import GGUFReader
-
-    return GGUFReader(str(path)).fields["tokenizer.ggml.tokens"].contents(token_id)
 
 
 def _count(items) -> dict[str, int]:

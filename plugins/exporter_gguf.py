@@ -189,6 +189,7 @@ def check_gguf(path: Path, tokenizer) -> tuple[dict, list[str]]:
     facts = {
         "chat_template": bool(template),
         "eos_token_id": eos_id,
+        "eos_token": meta.get("eos_token"),
         "eot_token": eot_text,
         "eot_token_id": eot_id,
         "eot_ends_generation": stops_at_eot,
@@ -205,15 +206,19 @@ def smoke_in_run(gguf: Path, ctx, margin: float, label: str) -> tuple[dict, list
     from peftbench.smoke import read_predictions, smoke_test, write_answers
 
     if ctx.eval_dataset is None:
-        return {}, ["no evaluation examples to run the smoke test on"]
+        return {}, [f"{label}: no evaluation examples to run the smoke test on"]
     r = ctx.recipe.recipe
     examples = [dict(row) for row in ctx.eval_dataset]
     hf_file = ctx.run_dir / "predictions_finetuned.jsonl"
-    hf = read_predictions(hf_file) if hf_file.is_file() else None
-    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
-        task = bar.add_task(label, total=len(examples))
-        result = smoke_test(gguf, examples, r.prompt, max_new_tokens=r.evaluation.max_new_tokens,
-                            hf_predictions=hf, margin=margin, progress=lambda n: bar.advance(task, n))
+    try:  # a smoke test that cannot run is a failed check; the files and their record stay
+        hf = read_predictions(hf_file) if hf_file.is_file() else None
+        with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                      console=console) as bar:
+            task = bar.add_task(label, total=len(examples))
+            result = smoke_test(gguf, examples, r.prompt, max_new_tokens=r.evaluation.max_new_tokens,
+                                hf_predictions=hf, margin=margin, progress=lambda n: bar.advance(task, n))
+    except PeftbenchError as e:
+        return {}, [f"{label}: {e.problem}"]
     write_answers(ctx.run_dir / f"predictions_{label.replace(' ', '_')}.jsonl", result)
     return result.as_record(), [f"{label}: {p}" for p in result.problems]
 
@@ -269,15 +274,16 @@ class GgufExporter(ExporterPlugin):
 
         if options.smoke:
             start = time.perf_counter()
-            ctx.record["eval"]["gguf"], smoke_problems = smoke_in_run(final, ctx, options.margin, "gguf")
-            ctx.record["eval"]["gguf"]["quant_type"] = options.quant_type
+            scores, smoke_problems = smoke_in_run(final, ctx, options.margin, "gguf")
+            if scores:
+                ctx.record["eval"]["gguf"] = {**scores, "quant_type": options.quant_type}
             times["smoke_s"] = round(time.perf_counter() - start, 2)
             problems += smoke_problems
         if options.smoke_unquantized and final != unquantized:
             start = time.perf_counter()
-            ctx.record["eval"]["gguf_unquantized"], smoke_problems = smoke_in_run(
-                unquantized, ctx, options.margin, f"gguf {options.convert_type}")
-            ctx.record["eval"]["gguf_unquantized"]["quant_type"] = options.convert_type.upper()
+            scores, smoke_problems = smoke_in_run(unquantized, ctx, options.margin, f"gguf {options.convert_type}")
+            if scores:
+                ctx.record["eval"]["gguf_unquantized"] = {**scores, "quant_type": options.convert_type.upper()}
             times[f"smoke_{options.convert_type}_s"] = round(time.perf_counter() - start, 2)
             problems += smoke_problems
         if not options.keep_unquantized and final != unquantized:

