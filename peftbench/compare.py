@@ -9,6 +9,8 @@ the clock or from where the runs lie on disk.
 
 from __future__ import annotations
 
+import math
+
 import json
 import re
 import statistics
@@ -38,7 +40,18 @@ class Run:
 
     @property
     def ok(self) -> bool:
-        return self.record["run_info"].get("status") == "success" and "finetuned" in self.record.get("eval", {})
+        return (self.record["run_info"].get("status") == "success" and "finetuned" in self.record.get("eval", {})
+                and self.divergence is None)
+
+    @property
+    def divergence(self) -> str | None:
+        """Where training went non-finite, for records written before the trainer refused such runs."""
+        for entry in self.record.get("train_info", {}).get("metrics") or []:
+            for key in ("loss", "grad_norm", "eval_loss"):
+                value = entry.get(key)
+                if isinstance(value, float) and not math.isfinite(value):
+                    return f"{key} {value} at step {entry.get('step')}"
+        return None
 
     @property
     def annotation(self) -> dict:
@@ -337,13 +350,20 @@ def _notes(groups: list[Group]) -> list[str]:
         for run in g.runs:
             for note in run.annotation.get("notes") or []:
                 notes.add(f"{run.name}: {note}")
-            if not run.ok:
+            if run.divergence:
+                notes.add(f"{run.name} diverged: {run.divergence}; its adapter is not usable")
+            elif not run.ok:
                 info = run.record["run_info"]
                 status = "failed" if info.get("status") == "failed" else f"did not finish ({info.get('status')})"
                 notes.add(f"{run.name} {status}: {info.get('error_msg') or 'no error recorded'}")
     base = {round(v, 2) for g in groups for r in g.ok_runs if (v := run_metrics(r.record).get("base_rouge1")) is not None}
     if len(base) > 1:
-        notes.add("the base model's ROUGE-1 differs between runs: they were not scored on the same examples")
+        # Same examples, different base numbers: a 4-bit base (QLoRA) is scored as it is loaded, and
+        # batched bf16 generation on a GPU is not bit-exact from one run to the next.
+        per_run = ", ".join(f"{r.name} {run_metrics(r.record)['base_rouge1']:.2f}" for g in groups for r in g.ok_runs
+                            if run_metrics(r.record).get("base_rouge1") is not None)
+        notes.add(f"the base model's ROUGE-1 differs between runs ({per_run}): each run scores the base it "
+                  "trains from (4-bit for qlora), and bf16 generation on a GPU is not bit-exact between runs")
     return sorted(notes)
 
 
