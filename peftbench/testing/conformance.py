@@ -82,7 +82,10 @@ class MethodConformance:
         from peftbench.recipe import validate_recipe
         from peftbench.testing import tiny_recipe
 
-        recipe = validate_recipe(tiny_recipe(tiny_model_dir, tiny_data_dir, dict(self.method)), host=conformance_host)
+        # float32 on every device: the checks are about the method, and bf16 rounding (the GPU default)
+        # would swamp the tolerances that make them sharp.
+        raw = tiny_recipe(tiny_model_dir, tiny_data_dir, dict(self.method), model={"dtype": "float32"})
+        recipe = validate_recipe(raw, host=conformance_host)
         return RunContext(recipe=recipe, run_dir=tmp_path / "run", policy=resolve_policy(recipe.recipe.model.dtype),
                           model_source=str(tiny_model_dir))
 
