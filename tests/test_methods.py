@@ -62,13 +62,21 @@ def _copy_tokenizer(model_dir: Path, target: Path) -> None:
 
 
 def _context(model_dir: Path, data_dir: Path, method: dict, run_dir: Path) -> RunContext:
-    recipe = validate_recipe(tiny_recipe(model_dir, data_dir, method))
-    return RunContext(recipe=recipe, run_dir=run_dir, policy=resolve_policy(), model_source=str(model_dir))
+    recipe = validate_recipe(tiny_recipe(model_dir, data_dir, method, model={"dtype": "float32"}))
+    return RunContext(recipe=recipe, run_dir=run_dir, policy=resolve_policy(recipe.recipe.model.dtype),
+                      model_source=str(model_dir))
 
 
 def _apply(ctx: RunContext):
     method, options = ctx.recipe.method, ctx.recipe.method_options
     return method.apply(ctx.load_base_model(), options, ctx)
+
+
+def _logits(model, ids: list[int]) -> torch.Tensor:
+    """The model's logits for one sequence, computed on its own device, returned on the CPU."""
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([ids], device=device)).logits.float().cpu()
 
 
 def _module_names(model) -> list[str]:
@@ -101,8 +109,7 @@ def test_default_targets_exist_in_each_family(family, method_name, family_dirs, 
         projections = [n for n in trainable if "proj" in n or "c_attn" in n]
         assert projections, f"bitfit on {family} trains no projection bias"
     else:  # prefix tuning: no target modules, but the prefix must fit the architecture's cache
-        ids = torch.tensor([[1, 2, 3, 4]])
-        assert model(input_ids=ids).logits.shape == (1, 4, model.config.vocab_size)
+        assert _logits(model, [1, 2, 3, 4]).shape == (1, 4, model.config.vocab_size)
 
 
 @pytest.mark.parametrize("method_name", ["lora", "qlora", "ia3", "bitfit"])
@@ -171,12 +178,11 @@ def test_prefix_initialised_from_text_acts_as_that_text_before_the_prompt(family
     method = {"name": "prefix_tuning", "num_virtual_tokens": length, "init_text": text}
     model = _apply(_context(family_dirs[family], tiny_data_dir, method, tmp_path))
     text_ids = prefix_token_ids(load_tokenizer(str(family_dirs[family])), text, length)
-    prompt = torch.tensor([[11, 12, 13, 14, 15]])
+    prompt = [11, 12, 13, 14, 15]
     model.eval()
-    with torch.no_grad():
-        with_prefix = model(input_ids=prompt).logits
-        with model.disable_adapter():
-            with_text = model(input_ids=torch.cat([torch.tensor([text_ids]), prompt], dim=1)).logits[:, length:]
+    with_prefix = _logits(model, prompt)
+    with model.disable_adapter():
+        with_text = _logits(model, text_ids + prompt)[:, length:]
     torch.testing.assert_close(with_prefix, with_text, rtol=1e-4, atol=1e-4)
 
 
@@ -221,8 +227,8 @@ def test_bitfit_adds_zero_biases_through_config_flags(tiny_model_dir, tiny_data_
     assert {n for n, p in model.named_parameters() if p.requires_grad} == set(biases)
 
     plain = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
-    ids = torch.tensor([[5, 6, 7, 8]])
-    torch.testing.assert_close(model(input_ids=ids).logits, plain(input_ids=ids).logits, rtol=0, atol=0)
+    plain.to(next(model.parameters()).device)
+    torch.testing.assert_close(_logits(model, [5, 6, 7, 8]), _logits(plain, [5, 6, 7, 8]), rtol=0, atol=0)
 
 
 def test_bitfit_zeroes_added_biases_even_if_loading_left_them_random(tiny_model_dir, tiny_data_dir, tmp_path):
@@ -268,8 +274,8 @@ def test_bitfit_merged_model_is_a_standard_transformers_checkpoint(tiny_model_di
     assert config["attention_bias"] is True and config["mlp_bias"] is True
     reloaded, info = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    ids = torch.tensor([[5, 6, 7, 8]])
-    torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    reloaded.to(next(model.parameters()).device)
+    torch.testing.assert_close(_logits(reloaded, [5, 6, 7, 8]), _logits(model, [5, 6, 7, 8]))
 
 
 @pytest.mark.slow
@@ -299,10 +305,8 @@ def test_bitfit_merged_model_runs_in_llama_cpp(tiny_model_dir, tiny_data_dir, tm
         llama_cpp_logits = np.array(llm.scores[: len(ids)])
     finally:
         llm.close()
-    with torch.no_grad():
-        hf_logits = merged(input_ids=torch.tensor([ids])).logits[0].numpy()
-        plain_logits = ctx.load_base_model(quantized=False)  # the flags are on, the biases zero
-        plain_logits = plain_logits(input_ids=torch.tensor([ids])).logits[0].numpy()
+    hf_logits = _logits(merged, ids)[0].numpy()
+    plain_logits = _logits(ctx.load_base_model(quantized=False), ids)[0].numpy()  # flags on, biases zero
     assert np.abs(llama_cpp_logits - hf_logits).max() < 1e-3
     assert np.abs(plain_logits - hf_logits).max() > 1e-2, "the trained biases should matter"
 
@@ -334,8 +338,7 @@ def test_ia3_on_a_4bit_base_merges_into_full_precision_weights(tiny_model_dir, t
     assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     reference = ctx.recipe.method.load(ctx.load_base_model(quantized=False), ctx.adapter_dir, ctx.recipe.method_options)
-    ids = torch.tensor([[5, 6, 7, 8]])
-    torch.testing.assert_close(merged(input_ids=ids).logits, reference(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(_logits(merged, [5, 6, 7, 8]), _logits(reference, [5, 6, 7, 8]), rtol=1e-4, atol=1e-4)
 
 
 def test_ia3_feedforward_modules_must_be_targeted(tiny_model_dir, tiny_data_dir, tmp_path):
