@@ -20,15 +20,22 @@ TRACKER_MODULES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wa
 class HfTrainerOptions(Options):
     epochs: float = Field(1, gt=0, description="passes over the training split")
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimiser steps (overrides epochs)")
-    batch_size: int = Field(4, gt=0, description="examples per device per forward pass")
+    batch_size: int = Field(4, gt=0, description="examples per device per forward pass (with packing, only batch_size x grad_accum matters)")
     grad_accum: int = Field(4, gt=0, description="forward passes per optimiser step (effective batch = batch_size x grad_accum x GPUs)")
+    packing: bool = Field(True, description="concatenate a step's examples into rows without padding (attention kept within "
+                          "each example); the same examples and loss per step, no FLOPs on padding")
+    max_tokens_per_batch: int | None = Field(16384, gt=0, description="with packing: most tokens in one forward/backward "
+                                             "pass; a step's examples run in as few passes as fit (null: one pass per step)")
+    memory_lean: bool = Field(False, description="for small GPUs: gradient checkpointing and passes of at most 2048 tokens")
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
     lr_scheduler: str = Field("linear", description="transformers scheduler name (linear, cosine, constant_with_warmup, ...)")
     warmup_steps: int = Field(50, ge=0, description="optimiser steps of linear warm-up")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
     optim: str = Field("paged_adamw_8bit", description="transformers optimiser name; 8-bit/paged fall back to adamw_torch without a GPU")
-    gradient_checkpointing: bool = Field(False, description="recompute activations in backward: less memory, ~30% slower")
+    gradient_checkpointing: bool | Literal["auto"] = Field(
+        "auto", description="recompute activations in backward: less memory, ~30% slower; auto: only when memory_lean "
+        "or when the largest pass's activations would not fit in the free GPU memory")
     logging_steps: int = Field(10, gt=0, description="log the training loss every N steps")
     save_steps: int = Field(100, gt=0, description="checkpoint every N steps (resume restarts from the last)")
     eval_steps: int | None = Field(100, gt=0, description="validation loss every N steps; null to skip")
@@ -54,10 +61,17 @@ class HfTrainer(TrainerPlugin):
     name = "hf"
     Options = HfTrainerOptions
 
-    def train(self, model, tokenizer, train_dataset, eval_dataset, options: HfTrainerOptions, ctx) -> TrainResult:
-        from transformers import DataCollatorForSeq2Seq, Trainer, TrainingArguments
+    def train(self, model, tokenizer, train_dataset, eval_dataset, options: HfTrainerOptions, ctx,
+              callbacks=()) -> TrainResult:
+        """``callbacks``: extra transformers TrainerCallbacks (benchmarks time the steps with one)."""
+        from transformers import TrainingArguments
+
+        from peftbench.speed import packed_attention, plan_steps, step_trainer_class
 
         policy = ctx.policy
+        plan = plan_steps(model, tokenizer, train_dataset, options, policy.device)
+        for note in plan.notes:
+            policy.note(note)
         use_eval = options.eval_steps is not None and eval_dataset is not None and len(eval_dataset) > 0
         if use_eval and options.max_eval_samples:
             eval_dataset = eval_dataset.select(range(min(options.max_eval_samples, len(eval_dataset))))
@@ -65,17 +79,18 @@ class HfTrainer(TrainerPlugin):
             output_dir=str(ctx.run_dir / "checkpoints"),
             num_train_epochs=options.epochs,
             max_steps=options.max_steps or -1,
-            per_device_train_batch_size=options.batch_size,
+            # Unless plan.stock, one Trainer batch is one optimiser step, which StepCollator splits into passes.
+            per_device_train_batch_size=plan.per_device_batch,
             per_device_eval_batch_size=options.batch_size,
-            gradient_accumulation_steps=options.grad_accum,
+            gradient_accumulation_steps=plan.grad_accum,
             learning_rate=options.learning_rate,
             lr_scheduler_type=options.lr_scheduler,
             warmup_steps=options.warmup_steps,
             weight_decay=options.weight_decay,
             max_grad_norm=options.max_grad_norm,
             optim=policy.optimizer(options.optim),
-            gradient_checkpointing=options.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if options.gradient_checkpointing else None,
+            gradient_checkpointing=plan.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
             bf16=policy.device == "cuda" and policy.dtype_name == "bfloat16",
             fp16=policy.device == "cuda" and policy.dtype_name == "float16",
             use_cpu=policy.device == "cpu",
@@ -89,7 +104,7 @@ class HfTrainer(TrainerPlugin):
             seed=ctx.recipe.recipe.seed,
             data_seed=ctx.recipe.recipe.seed,
             report_to=options.report_to or "none",
-            include_num_input_tokens_seen="non_padding",
+            include_num_input_tokens_seen="non_padding" if plan.stock else "no",  # else StepTrainer counts them
             remove_unused_columns=False,
             dataloader_num_workers=0,
             # Every trainable parameter of a PEFT method takes part in every forward pass, so DDP need
@@ -97,20 +112,19 @@ class HfTrainer(TrainerPlugin):
             ddp_find_unused_parameters=False,
         )
         memory = memory_sampler(policy.device)
-        trainer = Trainer(
+        trainer = step_trainer_class()(
             model=model,
             args=args,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset if use_eval else None,
-            # Pads input_ids with the pad token and labels with -100, so padding never counts in the loss
-            # (DataCollatorForLanguageModeling would rebuild labels from input_ids and undo the masking).
-            data_collator=DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100, pad_to_multiple_of=8),
+            data_collator=plan.collator,
             processing_class=tokenizer,
-            callbacks=[memory],
+            callbacks=[memory, *callbacks],
         )
         reset_peak_memory(policy.device)
         start = time.perf_counter()
-        trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir) if ctx.resume else None)
+        with packed_attention(model, plan.varlen_attention):
+            trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir) if ctx.resume else None)
         seconds = time.perf_counter() - start
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         return TrainResult(

@@ -1,0 +1,221 @@
+"""peftbench.speed: packing, token-budget passes and the label-only loss compute the same function
+as padded batches with transformers' own loss, values and gradients alike."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from peftbench.chat import IGNORE_INDEX, encode_example
+from peftbench.recipe import PromptSection
+from peftbench.speed import (StepCollator, activation_bytes, checkpointing_needed, label_token_loss, packed_attention,
+                             plan_steps, split_into_passes, varlen_attention_forward)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_model_dir, tiny_data_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    rows = [json.loads(line) for line in (tiny_data_dir / "train.jsonl").read_text().splitlines()]
+    prompt = PromptSection(max_source_tokens=256, max_target_tokens=32)
+    examples = [encode_example(tokenizer, prompt, r["dialogue"], r["summary"]) for r in rows[:8]]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    return model, tokenizer, examples
+
+
+def test_passes_keep_order_and_respect_both_budgets():
+    lengths = [5, 7, 3, 20, 2, 2, 2]
+    groups = split_into_passes(lengths, max_tokens=10)
+    assert [i for g in groups for i in g] == list(range(len(lengths)))
+    for g in groups:  # within budget, unless one example alone exceeds it
+        assert sum(lengths[i] for i in g) <= 10 or len(g) == 1
+    assert [3] in groups  # the 20-token example runs on its own
+    assert split_into_passes(lengths, max_examples=3) == [[0, 1, 2], [3, 4, 5], [6]]
+    assert split_into_passes(lengths) == [list(range(len(lengths)))]
+    assert split_into_passes([]) == []
+
+
+def test_packed_pass_restarts_positions_and_keeps_every_label(tiny):
+    _, tokenizer, examples = tiny
+    step = StepCollator(tokenizer, pack=True)(examples)
+    (one,) = step["passes"]
+    lengths = [len(e["input_ids"]) for e in examples]
+    assert one["input_ids"].shape == (1, sum(lengths))
+    assert step["num_tokens"] == sum(lengths)
+    starts = torch.tensor([0] + lengths).cumsum(0)
+    assert one["cu_seq_lens_q"].tolist() == starts.tolist()
+    assert one["max_length_q"] == max(lengths)
+    assert (one["position_ids"][0, starts[:-1]] == 0).all()
+    # Exactly each example's own next-token labels, none across an example boundary.
+    expected = sum(sum(t != IGNORE_INDEX for t in e["labels"][1:]) for e in examples)
+    assert step["num_label_tokens"] == expected == int((one["targets"] != IGNORE_INDEX).sum())
+    flat_ids = one["input_ids"][0]
+    assert (flat_ids[one["logits_positions"] + 1] == one["targets"][0]).all()
+
+
+def _grads(model):
+    return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+
+
+@pytest.mark.parametrize("pack,max_tokens,max_examples", [(True, None, None), (True, 400, None), (False, None, 3)])
+def test_step_loss_and_gradients_match_padded_transformers_loss(tiny, pack, max_tokens, max_examples):
+    from transformers import DataCollatorForSeq2Seq
+
+    model, tokenizer, examples = tiny
+    model.zero_grad()
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(examples)
+    reference = model(**padded).loss
+    reference.backward()
+    reference_grads = _grads(model).clone()
+    model.zero_grad()
+
+    step = StepCollator(tokenizer, pack=pack, max_tokens=max_tokens, max_examples=max_examples)(examples)
+    assert len(step["passes"]) > 1 or (max_tokens is None and max_examples is None)
+    total = 0.0
+    for one in step["passes"]:
+        loss = label_token_loss(model, one, step["num_label_tokens"])
+        loss.backward()
+        total += loss.item()
+    assert total == pytest.approx(reference.item(), rel=1e-5)
+    torch.testing.assert_close(_grads(model), reference_grads, rtol=1e-4, atol=1e-7)
+    model.zero_grad()
+
+
+def _reference_varlen(signature: str):
+    """A CPU stand-in for torch's flash varlen kernel: SDPA on each sequence. ``signature`` picks
+    the keyword style of torch 2.11+ (window_size, enable_gqa) or of torch 2.10 (is_causal)."""
+
+    def run(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale, gqa):
+        out = torch.empty_like(q)
+        for a, b in zip(cu_q[:-1].tolist(), cu_q[1:].tolist()):
+            qs, ks, vs = (t[a:b].transpose(0, 1) for t in (q, k, v))
+            out[a:b] = torch.nn.functional.scaled_dot_product_attention(
+                qs.float(), ks.float(), vs.float(), is_causal=causal, scale=scale, enable_gqa=gqa).transpose(0, 1).to(q.dtype)
+        return out
+
+    if signature == "window":
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                        window_size=(-1, -1), enable_gqa=False):
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, window_size == (-1, 0), scale, enable_gqa)
+    else:
+        def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+            assert key.shape[1] == query.shape[1], "torch 2.10's kernel has no GQA: heads must be repeated"
+            return run(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal, None, False)
+    return varlen_attn
+
+
+@pytest.mark.parametrize("signature", ["window", "is_causal"])
+def test_varlen_attention_function_matches_padded_model(tiny, monkeypatch, signature):
+    """The attention function the GPU uses, run against a CPU stand-in for the kernel: reshapes,
+    grouped-query heads, causality and the fp32 -> half cast all checked without a GPU."""
+    from transformers import DataCollatorForSeq2Seq
+
+    import peftbench.speed as speed
+
+    model, tokenizer, examples = tiny
+    monkeypatch.setattr(speed, "_varlen_kernel", lambda: _reference_varlen(signature))
+    padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(examples)
+    step = StepCollator(tokenizer, pack=True)(examples)
+    with torch.no_grad():
+        reference = model(**padded).loss.item()
+        with packed_attention(model, enabled=True):
+            assert model.config._attn_implementation == speed.VARLEN_ATTENTION
+            packed = label_token_loss(model, step["passes"][0], step["num_label_tokens"]).item()
+    assert model.config._attn_implementation != speed.VARLEN_ATTENTION  # restored for generation
+    # fp32 q/k/v go to the kernel in bf16 (flash has no fp32), so agreement is to bf16 rounding.
+    assert packed == pytest.approx(reference, rel=2e-2)
+
+
+def test_varlen_attention_refuses_a_padding_mask():
+    q = torch.randn(1, 4, 6, 8)
+    with pytest.raises(ValueError, match="packed rows only"):
+        varlen_attention_forward(None, q, q, q, attention_mask=torch.ones(1, 1, 6, 6, dtype=torch.bool))
+
+
+def test_plan_defaults_pack_without_checkpointing_on_cpu_and_lean_caps_passes(tiny):
+    from peftbench_plugins.trainer_hf import HfTrainerOptions
+
+    model, tokenizer, examples = tiny
+    from datasets import Dataset
+
+    dataset = Dataset.from_list(examples)
+    plan = plan_steps(model, tokenizer, dataset, HfTrainerOptions(), "cpu")
+    assert plan.per_device_batch == 16 and plan.grad_accum == 1 and not plan.stock
+    assert plan.collator.pack and not plan.gradient_checkpointing
+    assert not plan.varlen_attention  # no flash kernel on the CPU: SDPA with a block-diagonal mask
+    lean = plan_steps(model, tokenizer, dataset, HfTrainerOptions(memory_lean=True), "cpu")
+    assert lean.gradient_checkpointing and lean.collator.max_tokens <= 2048
+    padded = plan_steps(model, tokenizer, dataset, HfTrainerOptions(packing=False, gradient_checkpointing=True), "cpu")
+    assert not padded.collator.pack and padded.collator.max_examples == 4 and padded.gradient_checkpointing
+
+
+def test_prompt_learning_methods_keep_the_plain_trainer_path(tiny_model_dir, tiny):
+    from datasets import Dataset
+    from peft import PrefixTuningConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from peftbench_plugins.trainer_hf import HfTrainerOptions
+
+    _, tokenizer, examples = tiny
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           PrefixTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4))
+    plan = plan_steps(model, tokenizer, Dataset.from_list(examples), HfTrainerOptions(), "cpu")
+    assert plan.stock and not plan.varlen_attention
+    assert (plan.per_device_batch, plan.grad_accum) == (4, 4)
+
+
+def test_checkpointing_estimate_grows_with_tokens_and_is_off_on_cpu(tiny):
+    model, _, _ = tiny
+    assert activation_bytes(model.config, 2000) == 2 * activation_bytes(model.config, 1000) > 0
+    assert checkpointing_needed(model.config, 10**9, "cpu")[0] is False
+
+
+def _train(model_dir, tokenizer, dataset, tmp_path, eval_dataset=None, **trainer_options):
+    from types import SimpleNamespace
+
+    from peftbench.device import resolve_policy
+    from peftbench.modeling import load_model
+    from peftbench_plugins.method_lora import Lora
+    from peftbench_plugins.trainer_hf import HfTrainer, HfTrainerOptions
+
+    policy = resolve_policy("auto")
+    method = Lora()
+    options = method.Options(dropout=0.0)  # no randomness left but the data order, which the seed fixes
+    ctx = SimpleNamespace(policy=policy, run_dir=tmp_path, resume=False, recipe=SimpleNamespace(recipe=SimpleNamespace(seed=3)))
+    base = load_model(str(model_dir), policy)
+    torch.manual_seed(0)  # the same LoRA initialisation in both runs
+    model = method.apply(base, options, ctx)
+    options = {"eval_steps": None, **trainer_options}
+    result = HfTrainer().train(model, tokenizer, dataset, eval_dataset, HfTrainerOptions(
+        max_steps=3, batch_size=2, grad_accum=2, learning_rate=0.5, warmup_steps=0, optim="sgd",
+        logging_steps=1, save_steps=100, **options), ctx)
+    return result
+
+
+def test_packing_learns_what_padding_learns(tiny, tiny_model_dir, tmp_path):
+    """Three optimiser steps through the hf trainer: packed one-pass steps and the padded
+    batch x grad-accum steps see the same examples and give the same losses step by step. Plain
+    SGD, because Adam's first steps follow the sign of each gradient element, which rounding can
+    flip where an element is near zero."""
+    from datasets import Dataset
+
+    _, tokenizer, examples = tiny
+    dataset = Dataset.from_list(examples * 2)
+    packed = _train(tiny_model_dir, tokenizer, dataset, tmp_path / "packed", eval_dataset=Dataset.from_list(examples),
+                    eval_steps=3)
+    padded = _train(tiny_model_dir, tokenizer, dataset, tmp_path / "padded", eval_dataset=Dataset.from_list(examples),
+                    eval_steps=3, packing=False)
+    curve = lambda r: [h["loss"] for h in r.loss_history if "loss" in h]  # noqa: E731
+    assert len(curve(packed)) == 3 and curve(packed)[-1] < curve(packed)[0] - 1e-3  # it did learn
+    assert curve(packed) == pytest.approx(curve(padded), rel=1e-4)
+    # The validation loss goes through the same packed passes.
+    eval_loss = lambda r: [h["eval_loss"] for h in r.loss_history if "eval_loss" in h]  # noqa: E731
+    assert len(eval_loss(packed)) == 1 and eval_loss(packed) == pytest.approx(eval_loss(padded), rel=1e-4)
+    # 3 steps of 4 examples each: the non-pad tokens of 12 examples, the same ones both ways.
+    lengths = sorted(len(e["input_ids"]) for e in examples)
+    assert packed.tokens_seen == padded.tokens_seen
+    assert 12 * lengths[0] <= packed.tokens_seen <= 12 * lengths[-1]
