@@ -77,7 +77,7 @@ class StepCollator:
     max_examples: int | None = None
 
     def __call__(self, features: list[dict]) -> dict:
-        features = [{k: f[k] for k in ("input_ids", "attention_mask", "labels")} for f in features]
+        features = [{k: f[k] for k in ("input_ids", "attention_mask", "labels") if k in f} for f in features]
         lengths = [len(f["input_ids"]) for f in features]
         groups = split_into_passes(lengths, self.max_tokens, self.max_examples)
         passes = [self._collate([features[i] for i in group]) for group in groups]
