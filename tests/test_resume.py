@@ -46,12 +46,15 @@ def _complete_checkpoints(run_dir: Path) -> list[Path]:
 
 
 def _run_and_kill_after_first_checkpoint(recipe: Path, run_dir: Path, timeout_s: float = 300) -> None:
-    process = subprocess.Popen([sys.executable, "-m", "peftbench", "run", str(recipe), "--output-dir", str(run_dir)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    log = run_dir.with_name(f"{run_dir.name}.log")
+    with log.open("w") as output:
+        process = subprocess.Popen([sys.executable, "-m", "peftbench", "run", str(recipe), "--output-dir", str(run_dir)],
+                                   stdout=output, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + timeout_s
     try:
         while not _complete_checkpoints(run_dir):
-            assert process.poll() is None, f"the run ended (code {process.returncode}) before its first checkpoint"
+            assert process.poll() is None, (f"the run ended (code {process.returncode}) before its first checkpoint:\n"
+                                            + log.read_text()[-3000:])
             assert time.monotonic() < deadline, "no checkpoint appeared in time"
             time.sleep(0.02)
         os.kill(process.pid, signal.SIGKILL)
