@@ -9,6 +9,7 @@ from pydantic import Field, field_validator
 
 from peftbench.components import Options, TrainerPlugin, TrainResult
 from peftbench.device import memory_in_use_bytes, peak_memory_bytes, reset_peak_memory
+from peftbench.errors import PeftbenchError
 from peftbench.hookspecs import hookimpl
 
 # The modules transformers' is_<tracker>_available() look for. Asking transformers itself means
@@ -22,8 +23,9 @@ class HfTrainerOptions(Options):
     max_steps: int | None = Field(None, gt=0, description="stop after this many optimiser steps (overrides epochs)")
     batch_size: int = Field(4, gt=0, description="examples per device per forward pass (with packing, only batch_size x grad_accum matters)")
     grad_accum: int = Field(4, gt=0, description="forward passes per optimiser step (effective batch = batch_size x grad_accum x GPUs)")
-    packing: bool = Field(True, description="concatenate a step's examples into rows without padding (attention kept within "
-                          "each example); the same examples and loss per step, no FLOPs on padding")
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="concatenate a step's examples into rows without padding (attention kept within each example); "
+        "the same examples and loss per step, no FLOPs on padding; auto: only where a varlen attention kernel exists (CUDA)")
     max_tokens_per_batch: int | None = Field(16384, gt=0, description="with packing: most tokens in one forward/backward "
                                              "pass; a step's examples run in as few passes as fit (null: one pass per step)")
     memory_lean: bool = Field(False, description="for small GPUs: gradient checkpointing and passes of at most 2048 tokens")
@@ -126,6 +128,7 @@ class HfTrainer(TrainerPlugin):
         with packed_attention(model, plan.varlen_attention):
             trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir) if ctx.resume else None)
         seconds = time.perf_counter() - start
+        _raise_if_diverged(trainer.state.log_history)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
         return TrainResult(
             train_time_s=seconds,
@@ -134,8 +137,8 @@ class HfTrainer(TrainerPlugin):
             final_loss=losses[-1] if losses else None,
             loss_history=list(trainer.state.log_history),
             peak_memory_bytes=peak_memory_bytes(policy.device),
-            memory_samples=memory.samples,
             global_batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+            memory_samples=memory.samples,
         )
 
 
@@ -181,6 +184,24 @@ def _last_checkpoint(output_dir: str) -> str | None:
         return str(directory)
     console.print("[yellow]resume:[/] no complete checkpoint yet, training from the start")
     return None
+
+
+def _raise_if_diverged(log_history: list[dict]) -> None:
+    """A NaN loss ruins the adapter silently: the Trainer's logging_nan_inf_filter logs NaN steps as
+    averages of earlier ones (0.0 once every step is NaN), so look at grad norms and eval losses too."""
+    import math
+
+    for entry in log_history:
+        for key in ("loss", "grad_norm", "eval_loss"):
+            value = entry.get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                first_step = entry.get("step") == 1  # before the learning rate has done anything
+                raise PeftbenchError(
+                    f"training diverged: {key} became {value} at step {entry.get('step')}"
+                    + (" (a numerical problem in the forward/backward pass, not the learning rate)." if first_step else "."),
+                    ("compute in fp32 (model.dtype=float32) to find the culprit" if first_step else
+                     "lower trainer.learning_rate, or compute in fp32 (model.dtype=float32)") + "; checkpoints are kept.",
+                )
 
 
 @hookimpl

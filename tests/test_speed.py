@@ -143,11 +143,14 @@ def test_plan_defaults_pack_without_checkpointing_on_cpu_and_lean_caps_passes(ti
     from datasets import Dataset
 
     dataset = Dataset.from_list(examples)
-    plan = plan_steps(model, tokenizer, dataset, HfTrainerOptions(), "cpu")
+    default = plan_steps(model, tokenizer, dataset, HfTrainerOptions(), "cpu")
+    assert not default.collator.pack and default.collator.max_examples == 4  # packing auto: off without a varlen kernel
+    assert default.per_device_batch == 16 and default.grad_accum == 1 and not default.stock
+    plan = plan_steps(model, tokenizer, dataset, HfTrainerOptions(packing=True), "cpu")
     assert plan.per_device_batch == 16 and plan.grad_accum == 1 and not plan.stock
     assert plan.collator.pack and not plan.gradient_checkpointing
     assert not plan.varlen_attention  # no flash kernel on the CPU: SDPA with a block-diagonal mask
-    lean = plan_steps(model, tokenizer, dataset, HfTrainerOptions(memory_lean=True), "cpu")
+    lean = plan_steps(model, tokenizer, dataset, HfTrainerOptions(packing=True, memory_lean=True), "cpu")
     assert lean.gradient_checkpointing and lean.collator.max_tokens <= 2048
     padded = plan_steps(model, tokenizer, dataset, HfTrainerOptions(packing=False, gradient_checkpointing=True), "cpu")
     assert not padded.collator.pack and padded.collator.max_examples == 4 and padded.gradient_checkpointing
@@ -206,7 +209,7 @@ def test_packing_learns_what_padding_learns(tiny, tiny_model_dir, tmp_path):
     _, tokenizer, examples = tiny
     dataset = Dataset.from_list(examples * 2)
     packed = _train(tiny_model_dir, tokenizer, dataset, tmp_path / "packed", eval_dataset=Dataset.from_list(examples),
-                    eval_steps=3)
+                    eval_steps=3, packing=True)
     padded = _train(tiny_model_dir, tokenizer, dataset, tmp_path / "padded", eval_dataset=Dataset.from_list(examples),
                     eval_steps=3, packing=False)
     curve = lambda r: [h["loss"] for h in r.loss_history if "loss" in h]  # noqa: E731
