@@ -350,6 +350,9 @@ def _notes(groups: list[Group]) -> list[str]:
         for run in g.runs:
             for note in run.annotation.get("notes") or []:
                 notes.add(f"{run.name}: {note}")
+            resumed = run.record.get("train_info", {}).get("resumed_from_step")
+            if resumed is not None:
+                notes.add(f"{run.name} was resumed from step {resumed}: its train time, tokens/s and peak memory are unknown")
             if run.divergence:
                 notes.add(f"{run.name} diverged: {run.divergence}; its adapter is not usable")
             elif not run.ok:

@@ -106,6 +106,7 @@ class TrainResult:
     peak_memory_bytes: int | None = None
     global_batch_size: int | None = None  # examples per optimiser step, summed over all processes
     memory_samples: list[int] = field(default_factory=list)  # memory in use after each optimiser step
+    resumed_from_step: int | None = None  # continued from a checkpoint: time and memory cover only the rest
 
 
 class TrainerPlugin:

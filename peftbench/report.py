@@ -82,8 +82,8 @@ def render_run_report(record: dict) -> str:
         f"| adapter size | {human_bytes(train.get('file_size'))} |",
         f"| steps | {train.get('steps')} |",
         f"| global batch | {train.get('global_batch_size')} examples per step over {train.get('num_processes', 1)} process(es) |",
-        f"| train time | {train.get('train_time')} s |",
-        f"| non-pad tokens/s | {train.get('tokens_per_second')} |",
+        f"| train time | {_or_resumed(train, 'train_time', ' s')} |",
+        f"| non-pad tokens/s | {_or_resumed(train, 'tokens_per_second')} |",
         f"| final loss | {_fmt(train.get('final_loss'))} |",
         f"| peak memory | {human_bytes(train.get('accelerator_memory_max'))} |",
         "",
@@ -116,3 +116,9 @@ def print_run_summary(record: dict, run_dir: Path) -> None:
         table.add_row(label, *vals)
     console.print(table)
     console.print(f"Run written to [bold]{run_dir}[/] (run.json, report.md, adapter/, predictions)")
+
+
+def _or_resumed(train: dict, key: str, unit: str = "") -> str:
+    if train.get(key) is None and train.get("resumed_from_step") is not None:
+        return f"unknown (resumed from step {train['resumed_from_step']})"
+    return f"{train.get(key)}{unit}"

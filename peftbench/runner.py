@@ -186,6 +186,11 @@ def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: b
             num_processes=processes.num_processes, global_batch_size=result.global_batch_size,
             **memory_summary(result.memory_samples),
         )
+        if result.resumed_from_step is not None:
+            # Time, speed and peak memory of a resumed run cover only the steps after the checkpoint
+            # (none at all when it was the last): report them as unknown rather than wrong.
+            record["train_info"].update(resumed_from_step=result.resumed_from_step, train_time=None,
+                                        tokens_per_second=None, accelerator_memory_max=None)
 
     # Training was the one stage that needs every process; the rest happens once, on the main one.
     if not processes.is_main:

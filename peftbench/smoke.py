@@ -375,6 +375,8 @@ def run_smoke_command(gguf: str, *, data: str | None = None, n: int | None = Non
 
     from peftbench.console import console
 
+    if not Path(gguf).is_file():  # before the data loads and the progress bar starts
+        raise PeftbenchError(f"GGUF file '{gguf}' does not exist.", "pass the .gguf written by the gguf exporter (runs/<run>/exports/gguf/).")
     prompt, max_new_tokens = prompt_settings(recipe)
     examples = load_examples(data, n)
     hf = read_predictions(hf_predictions) if hf_predictions else None

@@ -125,8 +125,9 @@ class HfTrainer(TrainerPlugin):
         )
         reset_peak_memory(policy.device)
         start = time.perf_counter()
+        checkpoint = _last_checkpoint(args.output_dir) if ctx.resume else None
         with packed_attention(model, plan.varlen_attention):
-            trainer.train(resume_from_checkpoint=_last_checkpoint(args.output_dir) if ctx.resume else None)
+            trainer.train(resume_from_checkpoint=checkpoint)
         seconds = time.perf_counter() - start
         _raise_if_diverged(trainer.state.log_history)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -139,6 +140,7 @@ class HfTrainer(TrainerPlugin):
             peak_memory_bytes=peak_memory_bytes(policy.device),
             global_batch_size=args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
             memory_samples=memory.samples,
+            resumed_from_step=int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None,
         )
 
 

@@ -93,6 +93,10 @@ def test_sigkilled_run_resumes_to_the_same_adapter(resume_recipe, tmp_path, caps
     resumed_record, reference_record = read_json(killed / "run.json"), read_json(uninterrupted / "run.json")
     assert resumed_record["run_info"]["status"] == "success"
     assert resumed_record["train_info"]["steps"] == reference_record["train_info"]["steps"] == 4
+    # Time and speed measured over steps 3-4 alone would be wrong for the run: recorded as unknown.
+    assert resumed_record["train_info"]["resumed_from_step"] == 2 and resumed_record["train_info"]["train_time"] is None
+    assert reference_record["train_info"]["train_time"] > 0 and "resumed_from_step" not in reference_record["train_info"]
+    assert "unknown (resumed from step 2)" in (killed / "report.md").read_text()
     losses = [[h["loss"] for h in r["train_info"]["metrics"] if "loss" in h] for r in (resumed_record, reference_record)]
     assert len(losses[0]) == 4 and losses[0] == pytest.approx(losses[1], abs=TOLERANCE)
 
