@@ -366,7 +366,7 @@ def _notes(groups: list[Group]) -> list[str]:
         per_run = ", ".join(f"{r.name} {run_metrics(r.record)['base_rouge1']:.2f}" for g in groups for r in g.ok_runs
                             if run_metrics(r.record).get("base_rouge1") is not None)
         notes.add(f"the base model's ROUGE-1 differs between runs ({per_run}): each run scores the base it "
-                  "trains from (4-bit for qlora), and bf16 generation on a GPU is not bit-exact between runs")
+                  "trains from (4-bit for qlora); on a GPU, batched bf16 generation is also not bit-exact between runs")
     return sorted(notes)
 
 
