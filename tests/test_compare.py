@@ -357,3 +357,17 @@ def test_training_logs_to_tensorboard_when_asked(tmp_path, write_recipe):
     accumulator = EventAccumulator(str(events[0].parent))
     accumulator.Reload()
     assert "train/loss" in accumulator.Tags()["scalars"]
+
+
+def test_failed_export_and_resumed_run_are_named_in_the_notes(tmp_path):
+    """A run whose GGUF check failed keeps its scores but says so; a resumed run's speed is unknown."""
+    exported = fake_record("lora", "lora", rouge1=31.2, gguf=28.0)
+    exported["run_info"]["stages"] = {"train": {"status": "success"},
+                                      "export:gguf": {"status": "failed", "error": "gguf: ROUGE-1 28.00 is 3.20 points below"}}
+    resumed = fake_record("ia3", "ia3", rouge1=25.0)
+    resumed["train_info"].update(resumed_from_step=900, train_time=None, tokens_per_second=None, accelerator_memory_max=None)
+    markdown = render_markdown(load_runs([write_runs(tmp_path / "runs", [exported, resumed])]), title="t", command="c")
+    assert "lora: stage export:gguf failed: gguf: ROUGE-1 28.00 is 3.20 points below" in markdown
+    assert "ia3 was resumed from step 900: its train time, tokens/s and peak memory are unknown" in markdown
+    rows = table_rows(markdown)
+    assert rows["lora"]["ROUGE-1 (Δ base)"].startswith("**31.20") and rows["ia3"]["train time"] == "—"
