@@ -14,13 +14,13 @@ from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
 from peftbench.chat import encode_example
 from peftbench.modeling import load_tokenizer, resolve_model_source
-from peftbench.recipe import PromptSection as PromptConfig
+from peftbench.recipe import PromptSection
 from peftbench_plugins.method_prefix_tuning import PrefixTuning, PrefixTuningOptions
 
 source = resolve_model_source(sys.argv[1])
 rows = [json.loads(line) for line in open(sys.argv[2])][:8]
 tok = load_tokenizer(source)
-prompt = PromptConfig(template="Summarize this dialogue:\n{dialogue}", max_source_tokens=448, max_target_tokens=64)
+prompt = PromptSection(template="Summarize this dialogue:\n{dialogue}", max_source_tokens=448, max_target_tokens=64)
 feats = [encode_example(tok, prompt, r["dialogue"], r["summary"]) for r in rows]
 
 

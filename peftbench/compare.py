@@ -350,9 +350,10 @@ def _notes(groups: list[Group]) -> list[str]:
         for run in g.runs:
             for note in run.annotation.get("notes") or []:
                 notes.add(f"{run.name}: {note}")
-            for stage, info in (run.record["run_info"].get("stages") or {}).items():
-                if run.ok and info.get("status") == "failed":  # a failed export leaves the run's scores standing
-                    notes.add(f"{run.name}: stage {stage} failed: {info.get('error') or 'no error recorded'}")
+            if run.ok:  # a failed export leaves the run's scores standing: say which
+                for stage, info in (run.record["run_info"].get("stages") or {}).items():
+                    if info.get("status") == "failed":
+                        notes.add(f"{run.name}: stage {stage} failed: {info.get('error') or 'no error recorded'}")
             resumed = run.record.get("train_info", {}).get("resumed_from_step")
             if resumed is not None:
                 notes.add(f"{run.name} was resumed from step {resumed}: its train time, tokens/s and peak memory are unknown")

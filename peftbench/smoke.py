@@ -62,11 +62,16 @@ def _count(items) -> dict[str, int]:
     return out
 
 
-def load_gguf(path: str | Path, n_ctx: int):
-    """A llama_cpp.Llama for ``path``; problems become one-line PeftbenchErrors."""
+def require_gguf_file(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_file():
         raise PeftbenchError(f"GGUF file '{path}' does not exist.", "pass the .gguf written by the gguf exporter (runs/<run>/exports/gguf/).")
+    return path
+
+
+def load_gguf(path: str | Path, n_ctx: int):
+    """A llama_cpp.Llama for ``path``; problems become one-line PeftbenchErrors."""
+    path = require_gguf_file(path)
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -375,8 +380,7 @@ def run_smoke_command(gguf: str, *, data: str | None = None, n: int | None = Non
 
     from peftbench.console import console
 
-    if not Path(gguf).is_file():  # before the data loads and the progress bar starts
-        raise PeftbenchError(f"GGUF file '{gguf}' does not exist.", "pass the .gguf written by the gguf exporter (runs/<run>/exports/gguf/).")
+    require_gguf_file(gguf)  # before the data loads and the progress bar starts
     prompt, max_new_tokens = prompt_settings(recipe)
     examples = load_examples(data, n)
     hf = read_predictions(hf_predictions) if hf_predictions else None

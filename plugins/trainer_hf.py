@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Literal
 
@@ -191,8 +192,6 @@ def _last_checkpoint(output_dir: str) -> str | None:
 def _raise_if_diverged(log_history: list[dict]) -> None:
     """A NaN loss ruins the adapter silently: the Trainer's logging_nan_inf_filter logs NaN steps as
     averages of earlier ones (0.0 once every step is NaN), so look at grad norms and eval losses too."""
-    import math
-
     for entry in log_history:
         for key in ("loss", "grad_norm", "eval_loss"):
             value = entry.get(key)
