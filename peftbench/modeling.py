@@ -146,6 +146,10 @@ def load_model(source: str, policy, *, quantization_config=None, prepare_config=
     model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     if policy.device != "cuda" and quantization_config is None:
         model.to(policy.device)
+    if quantization_config is not None:
+        from peftbench.bnb_cpu import guard_4bit_layers
+
+        guard_4bit_layers(model)  # trainable after a CPU evaluation too (bitsandbytes 0.50 packs weights)
     return model
 
 

@@ -166,7 +166,8 @@ def check_gguf(path: Path, tokenizer) -> tuple[dict, list[str]]:
     """What the file carries and whether llama.cpp will stop where the model was trained to stop:
     (facts for run.json, problems)."""
     from peftbench.chat import end_of_turn
-    from peftbench.smoke import gguf_metadata, load_gguf
+    from peftbench.isolation import run_isolated
+    from peftbench.smoke import LLAMA_CRASH_FIX, ends_generation, gguf_metadata
 
     meta = gguf_metadata(path)
     eot_id, eot_text = end_of_turn(tokenizer)
@@ -177,14 +178,14 @@ def check_gguf(path: Path, tokenizer) -> tuple[dict, list[str]]:
     eos_id = meta.get("tokenizer.ggml.eos_token_id")
     if eos_id != tokenizer.eos_token_id:
         problems.append(f"the GGUF's eos token {eos_id} is not the tokenizer's {tokenizer.eos_token_id}")
-    llm = load_gguf(path, n_ctx=64)  # also proves that llama.cpp loads the file
+    # Also proves that llama.cpp loads the file; in a child process, as every llama.cpp call.
     try:
-        import llama_cpp
-
-        stops_at_eot = bool(llama_cpp.llama_vocab_is_eog(llama_cpp.llama_model_get_vocab(llm.model), eot_id))
-    finally:
-        llm.close()
-    if not stops_at_eot:
+        stops_at_eot = run_isolated(ends_generation, str(path), eot_id, what=f"llama.cpp loading '{path.name}'",
+                                    fix=LLAMA_CRASH_FIX)
+    except PeftbenchError as e:
+        stops_at_eot = None
+        problems.append(e.problem)
+    if stops_at_eot is False:
         problems.append(f"llama.cpp does not treat the end-of-turn token {eot_text} ({eot_id}) as end of generation")
     facts = {
         "chat_template": bool(template),

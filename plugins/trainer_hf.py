@@ -115,6 +115,7 @@ class HfTrainer(TrainerPlugin):
             ddp_find_unused_parameters=False,
         )
         memory = memory_sampler(policy.device)
+        learning = learning_guard(model)
         trainer = step_trainer_class()(
             model=model,
             args=args,
@@ -122,7 +123,7 @@ class HfTrainer(TrainerPlugin):
             eval_dataset=eval_dataset if use_eval else None,
             data_collator=plan.collator,
             processing_class=tokenizer,
-            callbacks=[memory, *callbacks],
+            callbacks=[memory, learning, *callbacks],
         )
         reset_peak_memory(policy.device)
         start = time.perf_counter()
@@ -160,6 +161,69 @@ def memory_sampler(device: str):
                 self.samples.append(used)
 
     return _MemorySampler()
+
+
+class TrainingNotLearning(PeftbenchError):
+    """A run whose optimiser steps change nothing: it would "succeed" and report the base model."""
+
+
+# Optimiser steps whose gradient norm is checked: one zero step can be legitimate (a method whose
+# first gradients vanish by construction), every one of the first few cannot.
+ZERO_GRAD_STEPS = 3
+# Trainable elements copied to check, after training, that the parameters moved (a sample is enough:
+# a method that learns changes every one of its tensors; PEFT methods rarely have more anyway).
+SNAPSHOT_ELEMENTS = 20_000_000
+
+NOT_LEARNING_FIX = (
+    "run `peftbench doctor` (it trains one 4-bit step on this machine); on a 4-bit base update bitsandbytes or "
+    "use method lora; check that the method's trainable parameters take part in the forward pass"
+)
+
+
+def learning_guard(model):
+    """A TrainerCallback that stops a run which trains nothing, loudly: the first optimiser steps all
+    have a zero gradient norm, or training ends with the trainable parameters unchanged. (Such a run
+    used to end as a success that scored like the base model; see peftbench.bnb_cpu for one cause.)"""
+    import torch
+    from transformers import TrainerCallback
+
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+    class _LearningGuard(TrainerCallback):
+        def __init__(self):
+            self.snapshot: list[tuple[torch.Tensor, torch.Tensor]] = []
+            self.checked = self.zero = self.steps = 0
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            budget = SNAPSHOT_ELEMENTS
+            for _, p in params:
+                if p.numel() <= budget:
+                    self.snapshot.append((p, p.detach().clone()))
+                    budget -= p.numel()
+
+        def on_pre_optimizer_step(self, args, state, control, **kwargs):
+            if self.checked >= ZERO_GRAD_STEPS:
+                return
+            self.checked += 1
+            with torch.no_grad():
+                norm = sum(float(p.grad.float().pow(2).sum()) for _, p in params if p.grad is not None)
+            self.zero += norm == 0.0
+            if self.zero == ZERO_GRAD_STEPS:
+                raise TrainingNotLearning(
+                    f"training is not learning: the gradient of the {len(params)} trainable tensors was exactly 0 in "
+                    f"each of the first {ZERO_GRAD_STEPS} optimiser steps (nothing reaches the adapter from the loss).",
+                    NOT_LEARNING_FIX)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.steps += 1
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.steps and self.snapshot and all(torch.equal(p.detach(), before) for p, before in self.snapshot):
+                raise TrainingNotLearning(
+                    f"training is not learning: after {self.steps} optimiser steps the trainable parameters are "
+                    "exactly as they started.", NOT_LEARNING_FIX + "; a learning rate of 0 or a frozen optimiser does this too")
+
+    return _LearningGuard()
 
 
 def _last_checkpoint(output_dir: str) -> str | None:
