@@ -8,6 +8,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
+from peftbench.bnb_cpu import unpack_all
 from peftbench.components import Options, TrainerPlugin, TrainResult
 from peftbench.device import memory_in_use_bytes, peak_memory_bytes, reset_peak_memory
 from peftbench.errors import PeftbenchError
@@ -125,6 +126,10 @@ class HfTrainer(TrainerPlugin):
             processing_class=tokenizer,
             callbacks=[memory, learning, *callbacks],
         )
+        # A 4-bit layer that an evaluation left packed (peftbench.bnb_cpu) would be unpacked by its
+        # forward hook, but DDP broadcasts rank 0's parameters when it wraps the model, before any
+        # forward: a packed weight has as many bytes in another layout and would scramble the others'.
+        unpack_all(model)
         reset_peak_memory(policy.device)
         start = time.perf_counter()
         checkpoint = _last_checkpoint(args.output_dir) if ctx.resume else None
