@@ -6,6 +6,7 @@ kill leaves a truthful record, and a failing export never takes the adapter or t
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -33,19 +34,43 @@ def default_run_dir(recipe: ResolvedRecipe) -> Path:
     return Path(recipe.recipe.output_dir or Path("runs") / Path(recipe.source).stem)
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """A run gets its own directory; a finished run is never overwritten by accident."""
+# What a run writes into its directory; --overwrite deletes these and nothing else.
+RUN_ENTRIES = ("run.json", "recipe.yaml", "report.md", "predictions_*.jsonl", "adapter", "checkpoints", "exports",
+               ".*.tmp", ".*.old")
+# Open directory descriptors holding a run directory's lock, kept for the life of the process.
+_LOCKS: dict[Path, int] = {}
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, claim: bool = True) -> None:
+    """A run gets its own directory; a finished run is never overwritten by accident, a directory that
+    is not a peftbench run is never written into or deleted, and one process at a time owns it.
+    ``claim``: take the directory (an advisory lock held until the process ends, then --overwrite's
+    deletion); without it, only check what a claim would refuse (a launcher does, before its processes)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise PeftbenchError(f"output directory '{run_dir}' is a file.", "pass --output-dir DIR with a directory.")
+    if claim:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PeftbenchError(f"cannot create output directory '{run_dir}': {e.strerror}.",
+                                 "pass --output-dir DIR in a place you can write to.") from None
+        _lock(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
         status = recorded_status(run_dir)
         if status is None:
             raise PeftbenchError(
-                f"output directory '{run_dir}' is not empty and holds no peftbench run (no run.json).",
+                f"output directory '{run_dir}' is not empty and holds no peftbench run (no run.json written by peftbench).",
                 "pass --output-dir DIR with a new or empty directory (peftbench deletes only its own run directories).",
             )
         if overwrite:
-            shutil.rmtree(run_dir)
+            foreign = sorted(p.name for p in run_dir.iterdir() if not _is_run_entry(p.name))
+            if foreign:
+                raise PeftbenchError(
+                    f"--overwrite would delete '{run_dir}', which also holds files peftbench did not write: "
+                    f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}.",
+                    "move them out, or pass --output-dir DIR for a new run.")
+            for entry in run_dir.iterdir() if claim else ():
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         elif resume:
             if status == "success":
                 raise PeftbenchError(f"run '{run_dir}' already finished.", "use --overwrite to run it again, or --output-dir for a new run.")
@@ -55,18 +80,52 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
                 f"output directory '{run_dir}' {what}.",
                 "pass --resume to continue it, --overwrite to replace it, or --output-dir DIR for a new run.",
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if claim:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _is_run_entry(name: str) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatch(name, pattern) for pattern in RUN_ENTRIES)
+
+
+def _lock(run_dir: Path) -> None:
+    """flock on the directory itself: released by the kernel when the process ends, however it ends."""
+    import fcntl
+
+    key = run_dir.resolve()
+    if key in _LOCKS:
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PeftbenchError(f"output directory '{run_dir}' is in use by another peftbench process.",
+                             "wait for it to finish (or stop it), or pass --output-dir DIR for a new run.") from None
+    _LOCKS[key] = fd
+
+
+def release_run_dir(run_dir: Path) -> None:
+    fd = _LOCKS.pop(run_dir.resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 def recorded_status(run_dir: Path) -> str | None:
-    """The status run_dir/run.json records; None when the directory holds no peftbench run."""
+    """The status run_dir/run.json records; None when the directory holds no peftbench run (a
+    run.json that is not peftbench's layout does not make one)."""
     path = run_dir / "run.json"
     if not path.is_file():
-        return "starting" if (run_dir / "recipe.yaml").is_file() else None
+        return None
     try:
-        return str(read_json(path)["run_info"]["status"])
+        info = read_json(path)["run_info"]
+        if not isinstance(info, dict) or "stages" not in info or "experiment_name" not in info:
+            return None
+        return str(info["status"])
     except (OSError, ValueError, KeyError, TypeError):  # edited by hand or truncated by a full disk
-        return "unreadable"
+        return "unreadable" if path.stat().st_size == 0 else None
 
 
 class Run:
@@ -119,17 +178,24 @@ def evaluate_with_progress(label: str, model, tokenizer, recipe: ResolvedRecipe,
 
 def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run one recipe end to end; returns the run record (also written to run_dir/run.json)."""
-    r = recipe.recipe
     run_dir = Path(run_dir or default_run_dir(recipe))
+    try:
+        return _run_stages(recipe, run_dir, resume=resume, overwrite=overwrite)
+    finally:
+        release_run_dir(run_dir)  # the process may go on (tests, comparisons): let the next run have it
+
+
+def _run_stages(recipe: ResolvedRecipe, run_dir: Path, *, resume: bool, overwrite: bool) -> dict:
+    r = recipe.recipe
     policy = resolve_policy(r.model.dtype)
     # Under `accelerate launch` every process trains; only the main one touches the run directory.
     processes = distributed.start(policy.device)
     processes.on_main(prepare_run_dir, run_dir, resume=resume, overwrite=overwrite)
     run = Run(recipe, run_dir, resume=resume, writes_record=processes.is_main)
     record = run.record
+    run.save_record()  # run.json from the first moment: it marks the directory as a peftbench run
     if processes.is_main:
         atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
-    run.save_record()  # run.json from the first moment: it marks the directory as a peftbench run
 
     ctx = RunContext(recipe=recipe, run_dir=run_dir, policy=policy, model_source="", resume=resume, record=record)
     record["meta_info"] = {"model_id": r.model.name, "package_info": package_versions(), "system_info": system_info(policy),
