@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import yaml
@@ -35,7 +35,7 @@ def default_run_dir(recipe: ResolvedRecipe) -> Path:
 
 
 # What a run writes into its directory; --overwrite deletes these and nothing else.
-RUN_ENTRIES = ("run.json", "recipe.yaml", "report.md", "predictions_*.jsonl", "adapter", "checkpoints", "exports",
+RUN_ENTRIES = ("run.json", "recipe.yaml", "report.md", "run.log", "predictions_*.jsonl", "adapter", "checkpoints", "exports",
                ".*.tmp", ".*.old")
 # Open directory descriptors holding a run directory's lock, kept for the life of the process.
 _LOCKS: dict[Path, int] = {}
@@ -179,13 +179,13 @@ def evaluate_with_progress(label: str, model, tokenizer, recipe: ResolvedRecipe,
 def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run one recipe end to end; returns the run record (also written to run_dir/run.json)."""
     run_dir = Path(run_dir or default_run_dir(recipe))
-    try:
-        return _run_stages(recipe, run_dir, resume=resume, overwrite=overwrite)
-    finally:
-        release_run_dir(run_dir)  # the process may go on (tests, comparisons): let the next run have it
+    with ExitStack() as on_exit:
+        # The process may go on (tests, comparisons): let the next run have the directory.
+        on_exit.callback(release_run_dir, run_dir)
+        return _run_stages(recipe, run_dir, resume=resume, overwrite=overwrite, on_exit=on_exit)
 
 
-def _run_stages(recipe: ResolvedRecipe, run_dir: Path, *, resume: bool, overwrite: bool) -> dict:
+def _run_stages(recipe: ResolvedRecipe, run_dir: Path, *, resume: bool, overwrite: bool, on_exit: ExitStack) -> dict:
     r = recipe.recipe
     policy = resolve_policy(r.model.dtype)
     # Under `accelerate launch` every process trains; only the main one touches the run directory.
@@ -194,6 +194,11 @@ def _run_stages(recipe: ResolvedRecipe, run_dir: Path, *, resume: bool, overwrit
     run = Run(recipe, run_dir, resume=resume, writes_record=processes.is_main)
     record = run.record
     run.save_record()  # run.json from the first moment: it marks the directory as a peftbench run
+    if processes.is_main:
+        from peftbench.library_output import quiet_progress_bars, run_log
+
+        quiet_progress_bars()  # transformers and datasets are imported by now
+        on_exit.enter_context(run_log(run_dir / "run.log"))  # library output, for this run
     if processes.is_main:
         atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
 
