@@ -77,6 +77,9 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, claim: bool
         elif resume:
             if status == "success":
                 raise PeftbenchError(f"run '{run_dir}' already finished.", "use --overwrite to run it again, or --output-dir for a new run.")
+            if claim:  # what a killed atomic write left behind (.adapter.XXXX.tmp, .run.json.XXXX.tmp)
+                for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.old")]:
+                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         else:
             what = "holds a finished run" if status == "success" else f"holds an unfinished run ({status})"
             raise PeftbenchError(
@@ -323,8 +326,9 @@ def _run_stages(recipe: ResolvedRecipe, run_dir: Path, *, resume: bool, overwrit
                 console.print(f"[red]export {exporter.name}:[/] {st['error']}")
 
     record["run_info"]["status"] = "success"
-    run.save_record()
+    # report.md before run.json says success: a kill in between leaves a run that --resume finishes.
     atomic_write_text(run_dir / "report.md", render_run_report(record))
+    run.save_record()
     print_run_summary(record, run_dir)
     processes.close()
     return record
