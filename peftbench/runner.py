@@ -90,6 +90,27 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, claim: bool
         run_dir.mkdir(parents=True, exist_ok=True)
 
 
+def require_same_recipe(run_dir: Path, resolved: dict) -> None:
+    """--resume continues the run that is there: the same recipe, value for value."""
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        return  # killed before the recipe was written: nothing was trained yet
+    before = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    now = _flatten(resolved)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise PeftbenchError(
+            f"--resume with a recipe that differs from the run's ({shown}{' ...' if len(changed) > 4 else ''}).",
+            "resume with the same recipe and overrides, or start a new run (--output-dir DIR, or --overwrite).")
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
 def _is_run_entry(name: str) -> bool:
     import fnmatch
 
@@ -224,6 +245,8 @@ def _run_stages(recipe: ResolvedRecipe, run_dir: Path, *, resume: bool, overwrit
     # Under `accelerate launch` every process trains; only the main one touches the run directory.
     processes = distributed.start(policy.device)
     processes.on_main(prepare_run_dir, run_dir, resume=resume, overwrite=overwrite)
+    if resume:
+        processes.on_main(require_same_recipe, run_dir, recipe.resolved_dict())
     run = Run(recipe, run_dir, resume=resume, writes_record=processes.is_main)
     record = run.record
     run.save_record()  # run.json from the first moment: it marks the directory as a peftbench run
