@@ -131,12 +131,13 @@ def test_comparison_file_errors_are_named(tmp_path):
     assert "grid key 'r' must be a section path" in e.value.problem
 
 
-def test_shipped_comparisons_validate():
+def test_shipped_comparisons_validate(tiny_model_dir):
     assert [r.name for r in load_comparison("recipes/compare_quickstart.yaml").runs] == [
         "qlora", "lora", "prefix_tuning", "ia3", "bitfit"]
-    samsum = load_comparison("recipes/compare_samsum.yaml", ["model.name=./tests"])  # a local model path is accepted
+    local = str(tiny_model_dir)  # a local model path is accepted (and checked to be a model)
+    samsum = load_comparison("recipes/compare_samsum.yaml", [f"model.name={local}"])
     assert {r.raw["method"]["name"] for r in samsum.runs} == {"qlora", "lora", "prefix_tuning", "ia3", "bitfit"}
-    assert {r.raw["model"]["name"] for r in samsum.runs} == {"./tests"}
+    assert {r.raw["model"]["name"] for r in samsum.runs} == {local}
 
 
 # --- the report, on records written here ---------------------------------------------------------

@@ -113,11 +113,12 @@ def test_default_targets_exist_in_each_family(family, method_name, family_dirs, 
 
 
 @pytest.mark.parametrize("method_name", ["lora", "qlora", "ia3", "bitfit"])
-def test_unknown_architecture_asks_for_target_modules(method_name, tmp_path, tiny_data_dir):
-    from transformers import AutoModelForCausalLM, GPTNeoXConfig
+def test_unknown_architecture_asks_for_target_modules(method_name, tmp_path, tiny_data_dir, tiny_model_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GPTNeoXConfig
 
     config = GPTNeoXConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, **TINY)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "neox")
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(tmp_path / "neox")  # a model folder has its tokenizer
     ctx = _context(tmp_path / "neox", tiny_data_dir, {"name": method_name}, tmp_path / "run")
     with pytest.raises(PeftbenchError) as error:
         _apply(ctx)
