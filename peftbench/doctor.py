@@ -182,9 +182,9 @@ def one_4bit_training_step(directory: Path) -> tuple[float, bool]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peftbench.device import resolve_policy
-    from peftbench.modeling import load_model
-    from peftbench_plugins.method_qlora import Qlora, QloraOptions
+    from peftbench.pipeline.device import resolve_policy
+    from peftbench.pipeline.modeling import load_model
+    from peftbench_plugins.methods.qlora import Qlora, QloraOptions
 
     from transformers.utils import logging as hf_logging
 
@@ -224,7 +224,7 @@ def check_llama_generation() -> list[Check]:
     build that crashes on this CPU (its AMX/AVX-512 weight repacking did) shows here as FAIL."""
     from peftbench.errors import PeftbenchError
     from peftbench.isolation import NativeCrash, run_isolated
-    from peftbench.modeling import OFFLINE_MODEL, resolve_package_file
+    from peftbench.pipeline.modeling import OFFLINE_MODEL, resolve_package_file
     from peftbench.smoke import LLAMA_CRASH_FIX, generate_text, use_extra_buffers
 
     try:
@@ -271,7 +271,7 @@ def check_llama_cpp() -> list[Check]:
 
 def check_offline_model() -> list[Check]:
     from peftbench.errors import PeftbenchError
-    from peftbench.modeling import OFFLINE_MODEL, resolve_package_file
+    from peftbench.pipeline.modeling import OFFLINE_MODEL, resolve_package_file
 
     try:
         path = resolve_package_file(OFFLINE_MODEL)
@@ -281,8 +281,8 @@ def check_offline_model() -> list[Check]:
 
 
 def check_disk() -> list[Check]:
-    from peftbench.modeling import cache_root
-    from peftbench.resources import free_bytes, human_bytes
+    from peftbench.pipeline.modeling import cache_root
+    from peftbench.pipeline.resources import free_bytes, human_bytes
 
     out = []
     for label, where in (("disk (runs)", Path.cwd()), ("disk (cache)", cache_root())):

@@ -3,10 +3,10 @@
 import pytest
 
 from peftbench.cli import main
-from peftbench.components import DatasetPlugin, LoadedDataset, MethodPlugin, Options
+from peftbench.api import DatasetPlugin, LoadedDataset, MethodPlugin, Options
 from peftbench.hookspecs import hookimpl
-from peftbench.plugins import get_host, registered
-from peftbench.recipe import validate_recipe
+from peftbench.host import get_host, registered
+from peftbench.pipeline.recipe import validate_recipe
 from peftbench.testing import tiny_recipe
 
 
@@ -38,7 +38,7 @@ def test_registered_plugin_is_listed_and_then_gone(capsys):
 
 
 def test_registered_dataset_runs_in_a_recipe(tmp_path, tiny_model_dir, tiny_data_dir):
-    from peftbench.runner import run_recipe
+    from peftbench.pipeline.runner import run_recipe
 
     raw = tiny_recipe(tiny_model_dir, tiny_data_dir, {"name": "lora", "r": 2})
     raw["dataset"] = {"name": "reversed_chatsum"}

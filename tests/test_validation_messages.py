@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from peftbench.cli import main
-from peftbench.components import Capabilities, ExporterPlugin, MethodPlugin
+from peftbench.api import Capabilities, ExporterPlugin, MethodPlugin
 from peftbench.hookspecs import hookimpl
-from peftbench.plugins import registered
+from peftbench.host import registered
 
 
 def _one_error_line(capsys) -> str:

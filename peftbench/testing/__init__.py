@@ -22,7 +22,7 @@ def build_tiny_model(directory: Path, seed: int = 0, **overrides) -> Path:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from peftbench.modeling import resolve_package_file
+    from peftbench.pipeline.modeling import resolve_package_file
 
     gguf = resolve_package_file(OFFLINE_GGUF)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
