@@ -1,21 +1,31 @@
-"""What a plugin provides, for each of the four kinds.
+"""The plugin API: everything a plugin author needs, in one module.
 
+Hooks (``peftbench_register_*``) receive a typed register object and call it with plugin classes.
 A plugin class names itself (``name``), declares its options as a pydantic model (``Options``,
 every field with a description: that is the help text recipes and ``peftbench methods`` show) and
-implements a few methods. The runner only ever talks to these interfaces.
+implements a few methods; methods declare ``Capabilities`` that the host, exporters, reports and
+tests read. Stages return typed results (``LoadedDataset``, ``TrainResult``, ``ExportResult``).
+What a stage sees of the run is ``RunContext`` (a Protocol: the pipeline's context satisfies it).
+The host that loads plugins is ``peftbench.host``; the runner only ever talks to these interfaces.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
+import pluggy
 from pydantic import BaseModel, ConfigDict
+
+from peftbench.errors import PeftbenchError, StageRefused, did_you_mean
+from peftbench.pipeline.resources import merged_model_bytes
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
     from datasets import DatasetDict
 
-    from peftbench.pipeline.context import RunContext
+hookspec = pluggy.HookspecMarker("peftbench")
+hookimpl = pluggy.HookimplMarker("peftbench")
 
 
 class Options(BaseModel):
@@ -36,6 +46,28 @@ class Capabilities:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+
+class RunContext(Protocol):
+    """What every stage of a run can see (``peftbench.pipeline.context.RunContext`` implements it)."""
+
+    recipe: Any  # the validated recipe: .recipe (typed sections), .method, .method_options, ...
+    run_dir: Path
+    policy: Any  # peftbench.pipeline.device.DevicePolicy: device, dtypes
+    model_source: str  # what from_pretrained loads the base model from (a directory or hub id)
+    tokenizer: Any
+    model: Any  # the model being trained (a PeftModel for peft methods)
+    resume: bool
+    eval_dataset: Any  # the examples evaluation scores (exporters' smoke tests score the same)
+
+    @property
+    def adapter_dir(self) -> Path: ...
+
+    @property
+    def exports_dir(self) -> Path: ...
+
+    def load_base_model(self, *, quantized: bool | None = None): ...
 
 
 @dataclass
@@ -70,7 +102,7 @@ class MethodPlugin:
     def prepare_model_config(self, options: Options, model_config) -> None:
         """Change the base model's config before its weights load (e.g. add bias terms)."""
 
-    def apply(self, model, options: Options, ctx: "RunContext"):
+    def apply(self, model, options: Options, ctx: RunContext):
         """Return the model with the method applied; only the method's parameters trainable."""
         raise NotImplementedError
 
@@ -86,10 +118,8 @@ class MethodPlugin:
 
         return PeftModel.from_pretrained(model, str(directory))
 
-    def merge(self, model, ctx: "RunContext"):
+    def merge(self, model, ctx: RunContext):
         """Return a plain transformers model with the trained weights folded in (if mergeable)."""
-        from peftbench.errors import StageRefused
-
         raise StageRefused(
             f"method '{self.name}' cannot be merged into the base weights.",
             "export the adapter only (exporter 'adapter'), or train a mergeable method such as lora.",
@@ -113,7 +143,7 @@ class TrainerPlugin:
     name: ClassVar[str]
     Options: ClassVar[type[Options]] = Options
 
-    def train(self, model, tokenizer, train_dataset, eval_dataset, options: Options, ctx: "RunContext") -> TrainResult:
+    def train(self, model, tokenizer, train_dataset, eval_dataset, options: Options, ctx: RunContext) -> TrainResult:
         raise NotImplementedError
 
 
@@ -135,15 +165,92 @@ class ExporterPlugin:
     # Exporters whose files this one reads: validation wants them earlier in the recipe's list.
     after: ClassVar[tuple[str, ...]] = ()
 
-    def export(self, options: Options, ctx: "RunContext") -> ExportResult:
+    def export(self, options: Options, ctx: RunContext) -> ExportResult:
         raise NotImplementedError
 
-    def estimated_bytes(self, options: Options, ctx: "RunContext") -> int:
+    def estimated_bytes(self, options: Options, ctx: RunContext) -> int:
         """Disk space the export needs, checked before it runs. The default: a 16-bit merged copy of
         the model for exporters that merge, nothing for the rest; exporters that write more (a GGUF
         beside the merged checkpoint) say so."""
         if "mergeable" not in self.requires:
             return 0
-        from peftbench.pipeline.resources import merged_model_bytes
-
         return merged_model_bytes(ctx.model)
+
+
+# --- registration ------------------------------------------------------------------------------
+
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    """Name -> plugin of one kind: the typed register object ``peftbench_register_*`` hooks receive.
+
+    ``register(PluginClass)`` checks what is added (a subclass of the kind's base class, with a name)
+    and rejects a name registered twice, naming both plugins."""
+
+    def __init__(self, kind: str, base: type):
+        self.kind = kind
+        self.base = base
+        self._items: dict[str, T] = {}
+        self._origin: dict[str, str] = {}
+        self.current_plugin = "?"
+
+    def __call__(self, plugin: T) -> None:
+        """Register one plugin (a class or an instance)."""
+        obj = plugin() if isinstance(plugin, type) else plugin
+        if not isinstance(obj, self.base):
+            raise TypeError(f"{self.kind} plugin {obj!r} must subclass {self.base.__name__}")
+        name = getattr(obj, "name", None)
+        if not name or not isinstance(name, str):
+            raise TypeError(f"{self.kind} plugin {obj!r} has no name")
+        if name in self._items:
+            raise ValueError(
+                f"{self.kind} '{name}' registered twice (by {self._origin[name]} and {self.current_plugin})"
+            )
+        self._items[name] = obj
+        self._origin[name] = self.current_plugin
+
+    def get(self, name: str) -> T:
+        try:
+            return self._items[name]
+        except KeyError:
+            raise PeftbenchError(
+                f"unknown {self.kind} '{name}'.{did_you_mean(name, self._items)}",
+                f"use one of: {', '.join(sorted(self._items))} (see `peftbench plugins`).",
+            ) from None
+
+    def origin(self, name: str) -> str:
+        return self._origin[name]
+
+    def names(self) -> list[str]:
+        return sorted(self._items)
+
+    def items(self):
+        return sorted(self._items.items())
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._items
+
+
+# --- hooks ---------------------------------------------------------------------------------------
+
+
+@hookspec
+def peftbench_register_datasets(register: Registry[DatasetPlugin]) -> None:
+    "Register dataset plugins that load dialogue/summary splits: ``register(MyDataset)``."
+
+
+@hookspec
+def peftbench_register_methods(register: Registry[MethodPlugin]) -> None:
+    "Register parameter-efficient fine-tuning methods: ``register(MyMethod)``."
+
+
+@hookspec
+def peftbench_register_trainers(register: Registry[TrainerPlugin]) -> None:
+    "Register trainers that run the optimisation loop: ``register(MyTrainer)``."
+
+
+@hookspec
+def peftbench_register_exporters(register: Registry[ExporterPlugin]) -> None:
+    "Register exporters that write the trained model in some format: ``register(MyExporter)``."

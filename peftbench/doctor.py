@@ -184,7 +184,7 @@ def one_4bit_training_step(directory: Path) -> tuple[float, bool]:
 
     from peftbench.pipeline.device import resolve_policy
     from peftbench.pipeline.modeling import load_model
-    from peftbench_plugins.methods.qlora import Qlora, QloraOptions
+    from peftbench.host import get_host
 
     from transformers.utils import logging as hf_logging
 
@@ -196,7 +196,8 @@ def one_4bit_training_step(directory: Path) -> tuple[float, bool]:
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
         LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
         policy = resolve_policy()
-        method, options = Qlora(), QloraOptions(r=4, target_modules=["q_proj", "v_proj"], compute_dtype="auto")
+        method = get_host().methods.get("qlora")
+        options = method.Options(r=4, target_modules=["q_proj", "v_proj"], compute_dtype="auto")
         base = load_model(str(directory), policy, quantization_config=method.quantization_config(options, policy))
         model = method.apply(base, options, ctx=None)
         device = next(model.parameters()).device

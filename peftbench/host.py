@@ -7,17 +7,14 @@ empty string for none) restricts which third-party plugins load.
 
 from __future__ import annotations
 
-import difflib
 import os
 from contextlib import contextmanager
 from functools import lru_cache
-from typing import Generic, TypeVar
 
 import pluggy
 
-from peftbench import hookspecs
-from peftbench.api import DatasetPlugin, ExporterPlugin, MethodPlugin, TrainerPlugin
-from peftbench.errors import PeftbenchError
+from peftbench import api
+from peftbench.api import DatasetPlugin, ExporterPlugin, MethodPlugin, Registry, TrainerPlugin
 
 DEFAULT_PLUGINS = (
     "peftbench_plugins.datasets",
@@ -33,61 +30,6 @@ DEFAULT_PLUGINS = (
     "peftbench_plugins.exporters.ollama",
 )
 ENTRY_POINT_GROUP = "peftbench"
-
-T = TypeVar("T")
-
-
-def did_you_mean(name: str, choices) -> str:
-    close = difflib.get_close_matches(name, list(choices), n=1)
-    return f" Did you mean '{close[0]}'?" if close else ""
-
-
-class Registry(Generic[T]):
-    """Name -> plugin. The object plugins receive in ``peftbench_register_*`` hooks."""
-
-    def __init__(self, kind: str, base: type):
-        self.kind = kind
-        self.base = base
-        self._items: dict[str, T] = {}
-        self._origin: dict[str, str] = {}
-        self.current_plugin = "?"
-
-    def __call__(self, plugin: T) -> None:
-        """Register one plugin (a class or an instance)."""
-        obj = plugin() if isinstance(plugin, type) else plugin
-        if not isinstance(obj, self.base):
-            raise TypeError(f"{self.kind} plugin {obj!r} must subclass {self.base.__name__}")
-        name = getattr(obj, "name", None)
-        if not name or not isinstance(name, str):
-            raise TypeError(f"{self.kind} plugin {obj!r} has no name")
-        if name in self._items:
-            raise ValueError(
-                f"{self.kind} '{name}' registered twice (by {self._origin[name]} and {self.current_plugin})"
-            )
-        self._items[name] = obj
-        self._origin[name] = self.current_plugin
-
-    def get(self, name: str) -> T:
-        try:
-            return self._items[name]
-        except KeyError:
-            raise PeftbenchError(
-                f"unknown {self.kind} '{name}'.{did_you_mean(name, self._items)}",
-                f"use one of: {', '.join(sorted(self._items))} (see `peftbench plugins`).",
-            ) from None
-
-    def origin(self, name: str) -> str:
-        return self._origin[name]
-
-    def names(self) -> list[str]:
-        return sorted(self._items)
-
-    def items(self):
-        return sorted(self._items.items())
-
-    def __contains__(self, name: str) -> bool:
-        return name in self._items
-
 
 class Host:
     """A loaded set of plugins and the registries they filled."""
@@ -124,7 +66,7 @@ def make_plugin_manager(load_entry_points: bool = True, extra_plugins=()) -> plu
     from importlib.metadata import entry_points
 
     pm = pluggy.PluginManager("peftbench")
-    pm.add_hookspecs(hookspecs)
+    pm.add_hookspecs(api)
     for module_name in DEFAULT_PLUGINS:
         pm.register(importlib.import_module(module_name), name=module_name)
     if load_entry_points and os.environ.get("PEFTBENCH_LOAD_ENTRY_POINTS", "1") != "0":

@@ -385,10 +385,11 @@ def read_predictions(path: str | Path) -> dict[str, str]:
 def load_examples(data: str | None, n: int | None, split: str = "test") -> list[dict]:
     """``n`` examples of ``split`` (validation if there is none) from a dataset path, by default the
     bundled chatsum set, normalised as the dataset plugins do for a run."""
-    from peftbench_plugins.datasets import BUNDLED, SamsumOptions, load_splits, prepare
+    from peftbench.host import get_host
 
-    path = data or str(BUNDLED)
-    splits = prepare(load_splits(path), SamsumOptions(path=path), seed=0).splits
+    datasets = get_host().datasets
+    plugin = datasets.get("samsum" if data else "chatsum")
+    splits = plugin.load(plugin.Options(path=data) if data else plugin.Options(), seed=0).splits
     name = split if split in splits else "validation" if "validation" in splits else "train"
     rows = splits[name]
     if n is not None:

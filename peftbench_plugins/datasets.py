@@ -14,7 +14,7 @@ from pydantic import Field
 
 from peftbench.api import DatasetPlugin, LoadedDataset, Options
 from peftbench.errors import PeftbenchError
-from peftbench.hookspecs import hookimpl
+from peftbench.api import hookimpl
 
 SPLIT_ALIASES = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation",
                  "dev": "validation", "test": "test"}

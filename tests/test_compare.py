@@ -11,7 +11,7 @@ from peftbench.compare.report import Run, load_runs, pareto_front, render_markdo
 from peftbench.compare.plan import load_comparison
 from peftbench.api import Capabilities, ExporterPlugin, ExportResult, MethodPlugin
 from peftbench.errors import PeftbenchError
-from peftbench.hookspecs import hookimpl
+from peftbench.api import hookimpl
 from peftbench.host import registered
 from peftbench.pipeline.record import atomic_write_json, new_record, read_json
 from peftbench.testing import tiny_recipe

@@ -374,7 +374,7 @@ def test_validation_refuses_exporters_a_method_cannot_feed(write_recipe, capsys)
         capabilities = Capabilities(mergeable=False, gguf_exportable=False)
 
     class Plugin:
-        from peftbench.hookspecs import hookimpl
+        from peftbench.api import hookimpl
 
         @staticmethod
         @hookimpl
@@ -406,7 +406,7 @@ def test_merge_refused_at_run_time_leaves_the_run_going(tmp_path, tiny_model_dir
             raise StageRefused("this configuration cannot be merged.", "export the adapter.")
 
     class Plugin:
-        from peftbench.hookspecs import hookimpl
+        from peftbench.api import hookimpl
 
         @staticmethod
         @hookimpl

@@ -4,7 +4,7 @@ import pytest
 
 from peftbench.cli import main
 from peftbench.api import DatasetPlugin, LoadedDataset, MethodPlugin, Options
-from peftbench.hookspecs import hookimpl
+from peftbench.api import hookimpl
 from peftbench.host import get_host, registered
 from peftbench.pipeline.recipe import validate_recipe
 from peftbench.testing import tiny_recipe
@@ -75,11 +75,11 @@ def test_hook_without_spec_is_rejected():
 
 
 def test_every_hook_is_documented():
-    from peftbench import hookspecs
+    from peftbench import api
 
-    for name in dir(hookspecs):
+    for name in dir(api):
         if name.startswith("peftbench_"):
-            assert getattr(hookspecs, name).__doc__, f"{name} has no docstring"
+            assert getattr(api, name).__doc__, f"{name} has no docstring"
 
 
 def test_every_builtin_option_has_help_text():

@@ -12,7 +12,7 @@ import yaml
 
 from peftbench.cli import main
 from peftbench.api import ExporterPlugin, ExportResult, TrainerPlugin
-from peftbench.hookspecs import hookimpl
+from peftbench.api import hookimpl
 from peftbench.host import registered
 from peftbench.pipeline.record import atomic_directory, atomic_write_text, read_json
 from peftbench.testing import tiny_recipe

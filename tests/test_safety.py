@@ -13,7 +13,7 @@ import yaml
 from peftbench.cli import main
 from peftbench.api import MethodPlugin
 from peftbench.errors import PeftbenchError
-from peftbench.hookspecs import hookimpl
+from peftbench.api import hookimpl
 from peftbench.host import ENTRY_POINT_GROUP, Host, make_plugin_manager
 
 PROBE = "peftbench_import_probe"

@@ -7,7 +7,7 @@ import yaml
 
 from peftbench.cli import main
 from peftbench.api import Capabilities, ExporterPlugin, MethodPlugin
-from peftbench.hookspecs import hookimpl
+from peftbench.api import hookimpl
 from peftbench.host import registered
 
 

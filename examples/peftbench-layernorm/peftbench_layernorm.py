@@ -11,7 +11,7 @@ from pydantic import Field
 
 from peftbench.api import Capabilities, MethodPlugin, Options
 from peftbench.errors import PeftbenchError
-from peftbench.hookspecs import hookimpl
+from peftbench.api import hookimpl
 
 
 class LnTuningOptions(Options):

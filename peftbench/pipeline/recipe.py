@@ -14,8 +14,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from peftbench.errors import PeftbenchError
-from peftbench.host import Host, did_you_mean, get_host
+from peftbench.errors import PeftbenchError, did_you_mean
+from peftbench.host import Host, get_host
 
 
 class Section(BaseModel):

@@ -46,6 +46,19 @@ def ensure_free_disk(directory: Path, needed_bytes: int, what: str) -> None:
         )
 
 
+def count_parameters(model) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(_numel(p) for p in model.parameters())
+    return trainable, total
+
+
+def _numel(p) -> int:
+    # bitsandbytes packs two 4-bit weights per byte; report the logical parameter count.
+    if p.__class__.__name__ == "Params4bit" and getattr(p, "quant_state", None) is not None:
+        return int(p.quant_state.shape.numel())
+    return p.numel()
+
+
 def trainable_bytes(model) -> int:
     """What a saved adapter weighs: the trainable parameters in their own dtype."""
     return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
@@ -53,8 +66,6 @@ def trainable_bytes(model) -> int:
 
 def merged_model_bytes(model, bytes_per_param: int = 2) -> int:
     """A merged checkpoint of ``model`` in 16-bit: every logical parameter (4-bit ones unpacked)."""
-    from peftbench.pipeline.runner import count_parameters
-
     _, total = count_parameters(model)
     return total * bytes_per_param
 

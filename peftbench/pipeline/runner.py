@@ -26,7 +26,7 @@ from peftbench.pipeline.record import (atomic_write_json, atomic_write_text, dir
                                peft_config_record, peft_test_summary, read_json, system_info)
 from peftbench.pipeline.record import atomic_directory
 from peftbench.pipeline.report import render_run_report, print_run_summary
-from peftbench.pipeline.resources import ensure_free_disk, out_of_memory_as_error, trainable_bytes
+from peftbench.pipeline.resources import count_parameters, ensure_free_disk, out_of_memory_as_error, trainable_bytes
 
 
 def default_run_dir(recipe: ResolvedRecipe) -> Path:
@@ -224,19 +224,6 @@ def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: b
     print_run_summary(record, run_dir)
     processes.close()
     return record
-
-
-def count_parameters(model) -> tuple[int, int]:
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(_numel(p) for p in model.parameters())
-    return trainable, total
-
-
-def _numel(p) -> int:
-    # bitsandbytes packs two 4-bit weights per byte; report the logical parameter count.
-    if p.__class__.__name__ == "Params4bit" and getattr(p, "quant_state", None) is not None:
-        return int(p.quant_state.shape.numel())
-    return p.numel()
 
 
 def _write_predictions(path: Path, split, predictions: list[str]) -> None:

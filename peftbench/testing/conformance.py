@@ -80,7 +80,7 @@ class MethodConformance:
         from peftbench.pipeline.context import RunContext
         from peftbench.pipeline.device import resolve_policy
         from peftbench.pipeline.recipe import validate_recipe
-        from peftbench.testing import tiny_recipe
+        from peftbench.testing.tiny import tiny_recipe
 
         # float32 on every device: the checks are about the method, and bf16 rounding (the GPU default)
         # would swamp the tolerances that make them sharp.
@@ -138,7 +138,7 @@ class MethodConformance:
             assert plugin.capabilities.mergeable, "a GGUF is converted from merged weights: gguf_exportable needs mergeable"
 
     def test_trainable_parameters_are_a_small_fraction(self, conformance_ctx):
-        from peftbench.pipeline.runner import count_parameters
+        from peftbench.pipeline.resources import count_parameters
 
         model = self.applied(conformance_ctx)
         trainable, total = count_parameters(model)

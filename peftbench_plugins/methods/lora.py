@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from peftbench.api import Capabilities, MethodPlugin, Options
-from peftbench.hookspecs import hookimpl
+from peftbench.api import hookimpl
 from peftbench.pipeline.targets import resolve_targets, targets_for
 
 

@@ -18,7 +18,7 @@ from pydantic import Field, model_validator
 
 from peftbench.api import Capabilities, MethodPlugin, Options
 from peftbench.errors import PeftbenchError, StageRefused
-from peftbench.hookspecs import hookimpl
+from peftbench.api import hookimpl
 
 
 class PrefixTuningOptions(Options):

@@ -9,7 +9,7 @@ from pydantic import Field
 from peftbench.api import Capabilities
 from peftbench.pipeline.device import resolve_compute_dtype
 from peftbench.errors import PeftbenchError
-from peftbench.hookspecs import hookimpl
+from peftbench.api import hookimpl
 from peftbench_plugins.methods.lora import Lora, LoraOptions
 
 

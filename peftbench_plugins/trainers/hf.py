@@ -12,7 +12,7 @@ from peftbench.pipeline.bnb_cpu import unpack_all
 from peftbench.api import Options, TrainerPlugin, TrainResult
 from peftbench.pipeline.device import memory_in_use_bytes, peak_memory_bytes, reset_peak_memory
 from peftbench.errors import PeftbenchError
-from peftbench.hookspecs import hookimpl
+from peftbench.api import hookimpl
 
 # The modules transformers' is_<tracker>_available() look for. Asking transformers itself means
 # importing transformers.integrations, seconds that `peftbench validate` should not spend.
