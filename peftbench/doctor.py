@@ -283,7 +283,8 @@ def check_offline_model() -> list[Check]:
 
 def check_disk() -> list[Check]:
     from peftbench.pipeline.modeling import cache_root
-    from peftbench.pipeline.resources import free_bytes, human_bytes
+    from peftbench.files import human_bytes
+    from peftbench.pipeline.resources import free_bytes
 
     out = []
     for label, where in (("disk (runs)", Path.cwd()), ("disk (cache)", cache_root())):

@@ -356,7 +356,7 @@ def smoke_test(gguf: str | Path, examples: list[dict], prompt, *, max_new_tokens
 
 
 def write_answers(path: Path, result: SmokeResult) -> None:
-    from peftbench.pipeline.record import atomic_write_text
+    from peftbench.files import atomic_write_text
 
     lines = [json.dumps({"id": a.id, "prediction": a.text, "reference": ref, "ended_at_eot": a.ended_at_eot,
                          "leaked": a.leaked, "tokens": a.tokens}, ensure_ascii=False)

@@ -13,7 +13,8 @@ from peftbench.api import Capabilities, ExporterPlugin, ExportResult, MethodPlug
 from peftbench.errors import PeftbenchError
 from peftbench.api import hookimpl
 from peftbench.host import registered
-from peftbench.pipeline.record import atomic_write_json, new_record, read_json
+from peftbench.files import atomic_write_json, read_json
+from peftbench.pipeline.record import new_record
 from peftbench.testing import tiny_recipe
 
 # --- expansion and validation --------------------------------------------------------------------

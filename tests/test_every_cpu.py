@@ -18,7 +18,7 @@ import torch
 from peftbench.cli import main
 from peftbench.errors import PeftbenchError
 from peftbench.isolation import NativeCrash, run_isolated
-from peftbench.pipeline.record import read_json
+from peftbench.files import read_json
 
 # --- 1. 4-bit weights packed by an evaluation are trainable again --------------------------------
 

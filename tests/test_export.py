@@ -20,7 +20,7 @@ import torch
 
 from peftbench.cli import main
 from peftbench.errors import PeftbenchError, StageRefused
-from peftbench.pipeline.record import read_json
+from peftbench.files import read_json
 from peftbench.testing import build_tiny_model, read_jsonl, tiny_recipe
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'peftbench[gguf]')")

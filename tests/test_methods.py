@@ -356,7 +356,7 @@ def test_runs_end_to_end_through_the_cli(method_name, tmp_path, write_recipe):
     """The runner saves, evaluates and records a method through its plugin interface alone
     (bitfit has no peft model; prefix tuning generates through its prefix)."""
     from peftbench.cli import main
-    from peftbench.pipeline.record import read_json
+    from peftbench.files import read_json
 
     run_dir = tmp_path / "run"
     recipe = write_recipe({"name": method_name}, evaluation={"max_samples": 2})

@@ -5,7 +5,7 @@ import json
 import torch
 
 from peftbench.cli import main
-from peftbench.pipeline.record import read_json
+from peftbench.files import read_json
 from peftbench.testing import read_jsonl
 
 

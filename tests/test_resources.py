@@ -12,7 +12,7 @@ from peftbench.pipeline import resources
 from peftbench.cli import main
 from peftbench.errors import PeftbenchError
 from peftbench.pipeline.recipe import load_recipe
-from peftbench.pipeline.record import read_json
+from peftbench.files import read_json
 
 QUICK = {"evaluation": {"baseline": False, "max_samples": 1, "max_new_tokens": 2}}
 DiskUsage = namedtuple("DiskUsage", "total used free")

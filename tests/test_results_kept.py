@@ -14,7 +14,7 @@ from peftbench.cli import main
 from peftbench.api import ExporterPlugin, ExportResult, TrainerPlugin
 from peftbench.api import hookimpl
 from peftbench.host import registered
-from peftbench.pipeline.record import atomic_directory, atomic_write_text, read_json
+from peftbench.files import atomic_directory, atomic_write_text, read_json
 from peftbench.testing import tiny_recipe
 from peftbench_plugins.methods.lora import Lora
 

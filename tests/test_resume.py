@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from peftbench.cli import main
-from peftbench.pipeline.record import read_json
+from peftbench.files import read_json
 from peftbench.testing import tiny_recipe
 
 # Four optimiser steps, a checkpoint every two: the kill lands after checkpoint-2, the resume does 3-4.

@@ -37,7 +37,8 @@ from peftbench.errors import PeftbenchError
 from peftbench.host import Host, get_host
 from peftbench.pipeline.recipe import _describe as describe_errors  # recipes' wording for schema errors
 from peftbench.pipeline.recipe import apply_overrides, read_recipe_file, validate_recipe
-from peftbench.pipeline.record import atomic_write_json, atomic_write_text, new_record, read_json
+from peftbench.files import atomic_write_json, atomic_write_text, read_json
+from peftbench.pipeline.record import default_run_dir, new_record, recorded_status
 
 # hf trainer options that fix how much data a run sees: equal across runs unless a grid varies them.
 BUDGET_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum")
@@ -129,7 +130,7 @@ def load_comparison(path: str | Path, overrides: list[str] = (), output_dir: str
     host = host or get_host()
     runs = expand(spec, list(overrides), host)
     _validate_all(source, runs, host)
-    out = Path(output_dir or spec.output_dir or Path("runs") / Path(source).stem)
+    out = default_run_dir(source, output_dir or spec.output_dir)
     report = Path(spec.report) if spec.report else out / "comparison.md"
     return Comparison(source=source, runs=runs, output_dir=out, report_path=report)
 
@@ -292,7 +293,7 @@ def run_comparison(comparison: Comparison, *, resume: bool = False, overwrite: b
         console.rule(f"[bold]comparison run {i}/{len(comparison.runs)}: {run.name}")
         for note in run.notes:
             console.print(f"[yellow]note:[/] {note}")
-        existing = _status(run_dir)
+        existing = recorded_status(run_dir)
         if resume and existing == "success":
             console.print(f"{run.name}: finished earlier, kept")
         else:
@@ -312,11 +313,6 @@ def run_comparison(comparison: Comparison, *, resume: bool = False, overwrite: b
     console.print(f"Report written to [bold]{comparison.report_path}[/]"
                   + (f"; [red]{len(failed)} failed:[/] {', '.join(failed)}" if failed else ""))
     return records
-
-
-def _status(run_dir: Path) -> str | None:
-    path = run_dir / "run.json"
-    return read_json(path)["run_info"]["status"] if path.is_file() else None
 
 
 def _annotate(run_dir: Path, run: PlannedRun) -> dict:

@@ -9,7 +9,6 @@ the clock or from where the runs lie on disk.
 
 from __future__ import annotations
 
-import math
 
 import json
 import re
@@ -20,8 +19,9 @@ from typing import Callable
 
 from peftbench.errors import PeftbenchError
 from peftbench.pipeline.evaluation import ROUGE_TYPES
-from peftbench.pipeline.record import atomic_write_text, read_json, versions
-from peftbench.pipeline.report import human_bytes
+from peftbench.files import atomic_write_text, human_bytes, read_json
+from peftbench.pipeline.environment import versions
+from peftbench.pipeline.record import first_non_finite
 
 ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 DEFAULT_GGUF_TYPE = "Q4_K_M"
@@ -46,12 +46,8 @@ class Run:
     @property
     def divergence(self) -> str | None:
         """Where training went non-finite, for records written before the trainer refused such runs."""
-        for entry in self.record.get("train_info", {}).get("metrics") or []:
-            for key in ("loss", "grad_norm", "eval_loss"):
-                value = entry.get(key)
-                if isinstance(value, float) and not math.isfinite(value):
-                    return f"{key} {value} at step {entry.get('step')}"
-        return None
+        found = first_non_finite(self.record.get("train_info", {}).get("metrics"))
+        return f"{found[0]} {found[1]} at step {found[2]}" if found else None
 
     @property
     def annotation(self) -> dict:

@@ -6,98 +6,95 @@ peft's reader (``method_comparison/processing.py``) takes from each record: ``ru
 ``peft_config["peft_type"]`` (falsy for non-peft training); ``train_info``'s ``status``, ``train_time``,
 ``file_size``, ``accelerator_memory_max``/``_reserved_avg``/``_reserved_99th`` and the last entry of
 ``metrics`` (``test accuracy``, ``train loss``, ``train samples``, ``train total tokens``); and
-``meta_info["package_info"]["<package>-version"]``. Everything here keeps those names."""
+``meta_info["package_info"]["<package>-version"]``. Everything here keeps those names.
+
+``RunRecord`` owns the file: it creates the layout, tracks each stage's status, time and error, and
+saves after every stage, so a crash or a kill leaves a truthful record."""
 
 from __future__ import annotations
 
-import json
-import os
-import platform
-import shutil
-import tempfile
+import math
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
-from importlib import metadata
 from pathlib import Path
 
-PACKAGES = ("peftbench", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes",
-            "rouge-score", "gguf", "llama-cpp-python")
+from peftbench.console import console
+from peftbench.errors import StageRefused
+from peftbench.files import atomic_write_json, read_json
+
+RECORD_FILE = "run.json"
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temporary file in the same folder, then rename over the target."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes owner-only files; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+class RunRecord:
+    """run.json of one run: ``data`` is the record (run_info, train_info, meta_info, eval, exports)."""
 
+    def __init__(self, recipe_dict: dict, run_dir: Path, *, writes: bool = True):
+        self.run_dir = Path(run_dir)
+        self.writes = writes  # only the main process of a multi-process run writes run.json
+        self.data = new_record(recipe_dict, experiment_name=self.run_dir.name)
+        self.started = time.perf_counter()
 
-def atomic_write_json(path: Path, data) -> None:
-    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+    def save(self) -> None:
+        if not self.writes:
+            return
+        self.data["run_info"]["total_time"] = round(time.perf_counter() - self.started, 2)
+        atomic_write_json(self.run_dir / RECORD_FILE, self.data)
 
-
-@contextmanager
-def atomic_directory(path: Path):
-    """Yield an empty temporary directory beside ``path`` to write into; when the block succeeds it
-    replaces ``path`` whole. A kill or an error mid-write leaves the previous ``path`` (or none),
-    never a half-written one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp"))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes an owner-only directory
-        yield tmp
-        if path.exists():  # directories cannot be renamed over one another: move the old one aside first
-            old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=".old"))
-            path.rename(old / path.name)
-            tmp.rename(path)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it is to set it
-    os.umask(mask)
-    return mask
-
-
-def read_json(path: Path) -> dict:
-    return json.loads(Path(path).read_text(encoding="utf-8"))
-
-
-def dir_size(path: Path) -> int:
-    path = Path(path)
-    if path.is_file():
-        return path.stat().st_size
-    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
-
-
-def package_versions() -> dict[str, str | None]:
-    """``{"torch-version": "2.x", ...}``: keys named as peft's method_comparison names them."""
-    out = {}
-    for name in PACKAGES:
+    @contextmanager
+    def stage(self, name: str, *, fatal: bool = True):
+        """Record the block as stage ``name``; a non-fatal stage's exception is recorded and swallowed."""
+        console.rule(f"[bold]{name}")
+        entry = self.data["run_info"]["stages"].setdefault(name, {})
+        entry.update(status="running", error=None)
+        start = time.perf_counter()
         try:
-            out[f"{name}-version"] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[f"{name}-version"] = None
-    return out
+            yield entry
+        except BaseException as e:
+            # A stage that declines this configuration (StageRefused) is not broken: say so.
+            entry.update(status="refused" if isinstance(e, StageRefused) else "failed", error=f"{type(e).__name__}: {e}",
+                         seconds=round(time.perf_counter() - start, 2))
+            if fatal or not isinstance(e, Exception):
+                self.data["run_info"]["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
+                self.data["run_info"]["error_msg"] = entry["error"]
+                self.save()
+                raise
+            console.print(f"[red]stage {name} {entry['status']}:[/] {entry['error']} (the run goes on)")
+        else:
+            if entry["status"] == "running":
+                entry["status"] = "success"
+            entry["seconds"] = round(time.perf_counter() - start, 2)
+        self.save()
+
+    def finish(self) -> None:
+        self.data["run_info"]["status"] = "success"
+        self.save()
 
 
-def versions(package_info: dict) -> dict[str, str]:
-    """``package_info`` as ``{package: version}`` for display, installed packages only."""
-    return {k.removesuffix("-version"): v for k, v in package_info.items() if v and not k.endswith("-commit-hash")}
+def default_run_dir(source: str, output_dir: str | Path | None = None) -> Path:
+    """Where a run (or a comparison) writes: ``output_dir``, else runs/<recipe file stem>."""
+    return Path(output_dir or Path("runs") / Path(source).stem)
+
+
+def recorded_status(run_dir: Path) -> str | None:
+    """The status run_dir/run.json records; None when the directory holds no peftbench run."""
+    path = Path(run_dir) / RECORD_FILE
+    if not path.is_file():
+        return "starting" if (Path(run_dir) / "recipe.yaml").is_file() else None
+    try:
+        return str(read_json(path)["run_info"]["status"])
+    except (OSError, ValueError, KeyError, TypeError):  # edited by hand or truncated by a full disk
+        return "unreadable"
+
+
+def first_non_finite(log_history: list[dict]) -> tuple[str, float, int | None] | None:
+    """(key, value, step) of the first NaN/inf loss, grad norm or eval loss in the trainer's log."""
+    for entry in log_history or []:
+        for key in ("loss", "grad_norm", "eval_loss"):
+            value = entry.get(key)
+            if isinstance(value, float) and not math.isfinite(value):
+                return key, value, entry.get("step")
+    return None
 
 
 def memory_summary(samples: list[int]) -> dict[str, int | None]:
@@ -142,26 +139,6 @@ def _json_safe(value):
     if hasattr(value, "value") and not isinstance(value, (str, int, float, bool)):  # enums (PeftType, TaskType)
         return value.value
     return value
-
-
-def system_info(policy) -> dict:
-    import torch
-
-    info = {
-        "system": platform.system(),
-        "release": platform.release(),
-        "machine": platform.machine(),
-        "python": platform.python_version(),
-        "cpu_count": os.cpu_count(),
-        "device": policy.device,
-        "compute_dtype": policy.dtype_name,
-        "accelerator": None,
-    }
-    if policy.device == "cuda":
-        info["accelerator"] = torch.cuda.get_device_name()
-        info["cuda"] = torch.version.cuda
-        info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-    return info
 
 
 def new_record(recipe_dict: dict, experiment_name: str) -> dict:

@@ -8,17 +8,8 @@ from rich.table import Table
 
 from peftbench.console import console
 from peftbench.pipeline.evaluation import ROUGE_TYPES
-from peftbench.pipeline.record import versions
-
-
-def human_bytes(n: int | None) -> str:
-    if n is None:
-        return "n/a"
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
+from peftbench.files import human_bytes
+from peftbench.pipeline.environment import versions
 
 
 def rouge_rows(record: dict) -> list[tuple[str, list[str]]]:

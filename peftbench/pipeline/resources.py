@@ -11,18 +11,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from peftbench.errors import PeftbenchError
+from peftbench.files import human_bytes
 
 # Filesystems report free space in blocks and other writers share the disk: keep a margin.
 DISK_MARGIN = 1.10
 DISK_SLACK_BYTES = 16 * 2**20
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def free_bytes(path: Path) -> int:

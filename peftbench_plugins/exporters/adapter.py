@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from peftbench.api import ExporterPlugin, ExportResult
 from peftbench.api import hookimpl
-from peftbench.pipeline.record import dir_size
+from peftbench.files import dir_size
 
 
 class AdapterExporter(ExporterPlugin):

@@ -21,7 +21,7 @@ from pydantic import Field
 from peftbench.api import ExporterPlugin, ExportResult, Options
 from peftbench.console import console
 from peftbench.api import hookimpl
-from peftbench.pipeline.record import atomic_directory, atomic_write_json, dir_size
+from peftbench.files import atomic_directory, atomic_write_json, dir_size
 
 MARKER = "peftbench_merge.json"  # which adapter the checkpoint was merged from
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Literal
 
@@ -12,6 +11,7 @@ from peftbench.pipeline.bnb_cpu import unpack_all
 from peftbench.api import Options, TrainerPlugin, TrainResult
 from peftbench.pipeline.device import memory_in_use_bytes, peak_memory_bytes, reset_peak_memory
 from peftbench.errors import PeftbenchError
+from peftbench.pipeline.record import first_non_finite
 from peftbench.api import hookimpl
 
 # The modules transformers' is_<tracker>_available() look for. Asking transformers itself means
@@ -261,17 +261,16 @@ def _last_checkpoint(output_dir: str) -> str | None:
 def _raise_if_diverged(log_history: list[dict]) -> None:
     """A NaN loss ruins the adapter silently: the Trainer's logging_nan_inf_filter logs NaN steps as
     averages of earlier ones (0.0 once every step is NaN), so look at grad norms and eval losses too."""
-    for entry in log_history:
-        for key in ("loss", "grad_norm", "eval_loss"):
-            value = entry.get(key)
-            if isinstance(value, float) and not math.isfinite(value):
-                first_step = entry.get("step") == 1  # before the learning rate has done anything
-                raise PeftbenchError(
-                    f"training diverged: {key} became {value} at step {entry.get('step')}"
-                    + (" (a numerical problem in the forward/backward pass, not the learning rate)." if first_step else "."),
-                    ("compute in fp32 (model.dtype=float32) to find the culprit" if first_step else
-                     "lower trainer.learning_rate, or compute in fp32 (model.dtype=float32)") + "; checkpoints are kept.",
-                )
+    found = first_non_finite(log_history)
+    if found:
+        key, value, step = found
+        first_step = step == 1  # before the learning rate has done anything
+        raise PeftbenchError(
+            f"training diverged: {key} became {value} at step {step}"
+            + (" (a numerical problem in the forward/backward pass, not the learning rate)." if first_step else "."),
+            ("compute in fp32 (model.dtype=float32) to find the culprit" if first_step else
+             "lower trainer.learning_rate, or compute in fp32 (model.dtype=float32)") + "; checkpoints are kept.",
+        )
 
 
 @hookimpl
