@@ -49,7 +49,8 @@ def _run_comparison(args) -> int:
     """A comparison recipe: every expanded run validated first, each run in its own process, then the report."""
     import shlex
 
-    from peftbench.compare.plan import load_comparison, run_comparison
+    from peftbench.compare.plan import load_comparison
+    from peftbench.compare.run import run_comparison
 
     comparison = load_comparison(args.recipe, args.overrides, output_dir=args.output_dir)
     command = shlex.join(["peftbench", "run", args.recipe, *args.overrides]

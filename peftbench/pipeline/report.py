@@ -1,4 +1,4 @@
-"""Markdown and terminal reports of one run (comparisons over many runs live in compare.py)."""
+"""Markdown and terminal reports of one run (the report over many runs is peftbench/compare/report.py)."""
 
 from __future__ import annotations
 
