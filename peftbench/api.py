@@ -60,6 +60,7 @@ class RunContext(Protocol):
     model: Any  # the model being trained (a PeftModel for peft methods)
     resume: bool
     eval_dataset: Any  # the examples evaluation scores (exporters' smoke tests score the same)
+    exports: dict[str, ExportResult]  # what the exporters before this one returned, by exporter name
 
     @property
     def adapter_dir(self) -> Path: ...
@@ -118,7 +119,7 @@ class MethodPlugin:
 
         return PeftModel.from_pretrained(model, str(directory))
 
-    def merge(self, model, ctx: RunContext):
+    def merge(self, model, options: Options, ctx: RunContext):
         """Return a plain transformers model with the trained weights folded in (if mergeable)."""
         raise StageRefused(
             f"method '{self.name}' cannot be merged into the base weights.",
@@ -155,6 +156,8 @@ class ExportResult:
     # Checks the written files failed (e.g. a GGUF that scores too low): the runner records the
     # result and marks the stage failed with these reasons.
     problems: list[str] = field(default_factory=list)
+    # Scores of what was exported (e.g. the GGUF's smoke test): the runner records them as eval.<name>.
+    scores: dict[str, dict] = field(default_factory=dict)
 
 
 class ExporterPlugin:

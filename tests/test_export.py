@@ -137,7 +137,7 @@ def test_qlora_merge_into_the_nf4_round_trip_reproduces_the_trained_model(tmp_pa
             with torch.no_grad():
                 outputs["trained"] = trained(ids).logits
         with torch.no_grad():
-            outputs[merge_into] = recipe.method.merge(None, ctx).eval()(ids).logits
+            outputs[merge_into] = recipe.method.merge(None, recipe.method_options, ctx).eval()(ids).logits
     torch.testing.assert_close(outputs["nf4_roundtrip"], outputs["trained"], rtol=1e-3, atol=1e-3)
     assert not torch.allclose(outputs["original"], outputs["trained"], rtol=1e-3, atol=1e-3)
 
@@ -402,7 +402,7 @@ def test_merge_refused_at_run_time_leaves_the_run_going(tmp_path, tiny_model_dir
     class RefusesToMerge(Lora):  # declares mergeable, but refuses for this configuration
         name = "refuses_to_merge_for_test"
 
-        def merge(self, model, ctx):
+        def merge(self, model, options, ctx):
             raise StageRefused("this configuration cannot be merged.", "export the adapter.")
 
     class Plugin:

@@ -268,7 +268,7 @@ def test_bitfit_merged_model_is_a_standard_transformers_checkpoint(tiny_model_di
 
     ctx = _context(tiny_model_dir, tiny_data_dir, {"name": "bitfit"}, tmp_path)
     model = _train_biases(_apply(ctx))
-    merged = ctx.recipe.method.merge(model, ctx)
+    merged = ctx.recipe.method.merge(model, ctx.recipe.method_options, ctx)
     merged.save_pretrained(tmp_path / "merged")
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert config["attention_bias"] is True and config["mlp_bias"] is True
@@ -292,7 +292,7 @@ def test_bitfit_merged_model_runs_in_llama_cpp(tiny_model_dir, tiny_data_dir, tm
     from llama_cpp import Llama
 
     ctx = _context(tiny_model_dir, tiny_data_dir, {"name": "bitfit"}, tmp_path)
-    merged = ctx.recipe.method.merge(_train_biases(_apply(ctx)), ctx)
+    merged = ctx.recipe.method.merge(_train_biases(_apply(ctx)), ctx.recipe.method_options, ctx)
     merged.save_pretrained(tmp_path / "merged")
     _copy_tokenizer(tiny_model_dir, tmp_path / "merged")
     gguf = tmp_path / "merged.gguf"
@@ -334,7 +334,7 @@ def test_ia3_on_a_4bit_base_merges_into_full_precision_weights(tiny_model_dir, t
             if p.requires_grad:
                 p.uniform_(0.5, 1.5)
     ctx.recipe.method.save(model, ctx.adapter_dir)
-    merged = ctx.recipe.method.merge(model, ctx)
+    merged = ctx.recipe.method.merge(model, ctx.recipe.method_options, ctx)
     assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     reference = ctx.recipe.method.load(ctx.load_base_model(quantized=False), ctx.adapter_dir, ctx.recipe.method_options)

@@ -47,7 +47,7 @@ class LnTuning(MethodPlugin):
         config = LNTuningConfig(task_type=TaskType.CAUSAL_LM, target_modules=self.target_modules(options, model.config))
         return get_peft_model(model, config)
 
-    def merge(self, model, ctx):
+    def merge(self, model, options, ctx):
         return model.merge_and_unload()
 
 

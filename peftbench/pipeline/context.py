@@ -1,4 +1,4 @@
-"""What every stage of a run can see."""
+"""What every stage of a run can see (the plugin API's ``RunContext`` protocol, implemented)."""
 
 from __future__ import annotations
 
@@ -19,8 +19,8 @@ class RunContext:
     tokenizer: Any = None
     model: Any = None  # the model being trained (a PeftModel for peft methods)
     resume: bool = False
-    record: dict = field(default_factory=dict)  # what ends up in run.json
     eval_dataset: Any = None  # the examples evaluation scores (exporters' smoke tests score the same)
+    exports: dict = field(default_factory=dict)  # exporter name -> the ExportResult it returned, in recipe order
 
     @property
     def adapter_dir(self) -> Path:

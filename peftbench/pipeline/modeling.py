@@ -168,3 +168,26 @@ def _require_safetensors(source: str) -> None:
 
 def _local_rank() -> int:
     return int(os.environ.get("LOCAL_RANK", 0))
+
+
+def four_bit_config(policy, *, method: str, quant_type: str = "nf4", double_quant: bool = True,
+                    compute_dtype: str = "auto"):
+    """The transformers config that loads a base model in 4-bit (bitsandbytes): one definition of
+    "a 4-bit base" for every method that trains on one (qlora, ia3 with load_in_4bit)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        raise PeftbenchError(
+            f"method '{method}' needs bitsandbytes, which is not installed.",
+            "pip install 'peftbench[quant]' (bitsandbytes), or use method lora.",
+        ) from None
+    from transformers import BitsAndBytesConfig
+
+    from peftbench.pipeline.device import resolve_compute_dtype
+
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quant_type,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_compute_dtype=resolve_compute_dtype(policy, compute_dtype),
+    )

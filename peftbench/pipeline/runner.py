@@ -106,7 +106,7 @@ def start(recipe: ResolvedRecipe, run_dir: Path, *, resume: bool, overwrite: boo
     if processes.is_main:
         atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
     record.save()
-    ctx = RunContext(recipe=recipe, run_dir=run_dir, policy=policy, model_source="", resume=resume, record=record.data)
+    ctx = RunContext(recipe=recipe, run_dir=run_dir, policy=policy, model_source="", resume=resume)
     record.data["meta_info"] = {"model_id": recipe.recipe.model.name, "package_info": package_versions(),
                                 "system_info": system_info(policy), "policy_substitutions": policy.substitutions}
     return RunState(recipe=recipe, ctx=ctx, record=record, processes=processes)
@@ -213,8 +213,9 @@ def export(run: RunState) -> None:
     for exporter, options in run.recipe.exporters:
         with run.record.stage(f"export:{exporter.name}", fatal=False) as st:
             ensure_free_disk(ctx.exports_dir, exporter.estimated_bytes(options, ctx), f"the {exporter.name} export")
-            result = exporter.export(options, ctx)
+            result = ctx.exports[exporter.name] = exporter.export(options, ctx)
             run.record.data["exports"][exporter.name] = {"files": result.files, "sizes": result.sizes, **result.info}
+            run.record.data["eval"].update(result.scores)
             if result.problems:
                 st.update(status="failed", error="; ".join(result.problems))
                 console.print(f"[red]export {exporter.name}:[/] {st['error']}")

@@ -191,7 +191,7 @@ class MethodConformance:
         method.save(model, ctx.adapter_dir)  # the runner saves before any export; merge may read it
         if not method.capabilities.mergeable:
             with pytest.raises(StageRefused) as refusal:
-                method.merge(model, ctx)
+                method.merge(model, options, ctx)
             assert refusal.value.problem and refusal.value.fix, "a refusal must say why and what to do instead"
             return
 
@@ -201,7 +201,7 @@ class MethodConformance:
             # Trained on a quantised base, merged into full-precision weights: the merge must match the
             # trained weights on that full-precision base (the quantisation error is not the merge's).
             expected = self.logits(method.load(ctx.load_base_model(quantized=False), ctx.adapter_dir, options), batch)
-        merged = method.merge(model, ctx)
+        merged = method.merge(model, options, ctx)
         assert isinstance(merged, PreTrainedModel), f"merge() returned {type(merged).__name__}, not a transformers model"
         leftovers = {type(m).__name__ for m in merged.modules() if type(m).__module__.startswith("peft.")}
         assert not leftovers, f"the merged model still holds peft layers: {sorted(leftovers)}"

@@ -273,18 +273,19 @@ class GgufExporter(ExporterPlugin):
         if final != unquantized:
             files[f"gguf_{options.convert_type}"] = str(unquantized)
 
+        all_scores = {}  # eval.gguf / eval.gguf_unquantized in run.json
         if options.smoke:
             start = time.perf_counter()
             scores, smoke_problems = smoke_in_run(final, ctx, options.margin, "gguf")
             if scores:
-                ctx.record["eval"]["gguf"] = {**scores, "quant_type": options.quant_type}
+                all_scores["gguf"] = {**scores, "quant_type": options.quant_type}
             times["smoke_s"] = round(time.perf_counter() - start, 2)
             problems += smoke_problems
         if options.smoke_unquantized and final != unquantized:
             start = time.perf_counter()
             scores, smoke_problems = smoke_in_run(unquantized, ctx, options.margin, f"gguf {options.convert_type}")
             if scores:
-                ctx.record["eval"]["gguf_unquantized"] = {**scores, "quant_type": options.convert_type.upper()}
+                all_scores["gguf_unquantized"] = {**scores, "quant_type": options.convert_type.upper()}
             times[f"smoke_{options.convert_type}_s"] = round(time.perf_counter() - start, 2)
             problems += smoke_problems
         if not options.keep_unquantized and final != unquantized:
@@ -292,7 +293,7 @@ class GgufExporter(ExporterPlugin):
             del files[f"gguf_{options.convert_type}"]
 
         sizes = {label: Path(path).stat().st_size for label, path in files.items()}
-        return ExportResult(files=files, sizes=sizes, info={**info, "times": times}, problems=problems)
+        return ExportResult(files=files, sizes=sizes, info={**info, "times": times}, problems=problems, scores=all_scores)
 
 
 @hookimpl

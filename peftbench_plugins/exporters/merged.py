@@ -53,7 +53,7 @@ def merged_checkpoint(ctx, dtype: str = "auto") -> tuple[Path, dict]:
             return target, {**info, "reused": True}
 
     start = time.perf_counter()
-    merged = ctx.recipe.method.merge(ctx.model, ctx)  # StageRefused for methods that cannot merge
+    merged = ctx.recipe.method.merge(ctx.model, ctx.recipe.method_options, ctx)  # StageRefused for methods that cannot merge
     if dtype != "auto":
         import torch
 

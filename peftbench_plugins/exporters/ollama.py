@@ -215,13 +215,14 @@ class OllamaExporter(ExporterPlugin):
     def export(self, options: OllamaOptions, ctx) -> ExportResult:
         from peftbench.smoke import ollama_live_check, user_message
 
-        gguf = ctx.record.get("exports", {}).get("gguf", {}).get("files", {}).get("gguf")
+        previous = ctx.exports.get("gguf")
+        gguf = previous.files.get("gguf") if previous else None
         if not gguf or not Path(gguf).is_file():
             raise StageRefused("the ollama exporter needs the GGUF, and the gguf exporter wrote none in this run.",
                                "list the gguf exporter before ollama and check why it failed (run.json, stage export:gguf).")
         gguf = Path(gguf)
         generation_config = {}
-        config_file = Path(ctx.record["exports"]["gguf"].get("merged_from", "")) / "generation_config.json"
+        config_file = Path(previous.info.get("merged_from", "")) / "generation_config.json"
         if config_file.is_file():
             generation_config = json.loads(config_file.read_text(encoding="utf-8"))
         text, info = modelfile_text(gguf.name, ctx.tokenizer, ctx.recipe.recipe.prompt,

@@ -131,7 +131,7 @@ class BitFit(MethodPlugin):
         model.requires_grad_(False)
         return model
 
-    def merge(self, model, ctx):
+    def merge(self, model, options, ctx):
         """The trained model already is a standard checkpoint: biases in place, flags in its config."""
         return model
 

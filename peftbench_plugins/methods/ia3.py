@@ -13,6 +13,7 @@ from pydantic import Field
 from peftbench.api import Capabilities, MethodPlugin, Options
 from peftbench.errors import PeftbenchError
 from peftbench.api import hookimpl
+from peftbench.pipeline.modeling import four_bit_config
 from peftbench.pipeline.targets import ARCHITECTURES, resolve_targets, targets_for
 
 
@@ -44,10 +45,7 @@ class Ia3(MethodPlugin):
     def quantization_config(self, options: Ia3Options, policy):
         if not options.load_in_4bit:
             return None
-        # The same NF4 settings QLoRA uses: one definition of "a 4-bit base" in peftbench.
-        from peftbench_plugins.methods.qlora import Qlora, QloraOptions
-
-        return Qlora().quantization_config(QloraOptions(compute_dtype="auto"), policy)
+        return four_bit_config(policy, method=self.name)  # the NF4 settings qlora defaults to
 
     def peft_config(self, options: Ia3Options, model_config):
         from peft import IA3Config, TaskType
@@ -81,11 +79,11 @@ class Ia3(MethodPlugin):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return get_peft_model(model, self.peft_config(options, model.config))
 
-    def merge(self, model, ctx):
+    def merge(self, model, options, ctx):
         """Fold the saved adapter into a fresh full-precision base. The adapter must be saved first
         (the runner saves it before exporting); the trained model itself is left as it is."""
         base = ctx.load_base_model(quantized=False)
-        return self.load(base, ctx.adapter_dir, ctx.recipe.method_options).merge_and_unload()
+        return self.load(base, ctx.adapter_dir, options).merge_and_unload()
 
 
 @hookimpl

@@ -50,7 +50,7 @@ class Lora(MethodPlugin):
 
         return get_peft_model(model, self.peft_config(options, model))
 
-    def merge(self, model, ctx):
+    def merge(self, model, options, ctx):
         return model.merge_and_unload()
 
 

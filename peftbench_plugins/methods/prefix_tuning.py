@@ -73,7 +73,7 @@ class PrefixTuning(MethodPlugin):
             init_prefix_from_text(peft_model, tokenizer, options.init_text)
         return peft_model
 
-    def merge(self, model, ctx):
+    def merge(self, model, options, ctx):
         raise StageRefused(
             "method 'prefix_tuning' cannot be merged: its prefix is extra key/value vectors fed to every attention "
             "layer at run time, not a change to any weight, so there is nothing to fold into the base model.",

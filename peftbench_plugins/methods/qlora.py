@@ -7,8 +7,7 @@ from typing import Literal
 from pydantic import Field
 
 from peftbench.api import Capabilities
-from peftbench.pipeline.device import resolve_compute_dtype
-from peftbench.errors import PeftbenchError
+from peftbench.pipeline.modeling import four_bit_config
 from peftbench.api import hookimpl
 from peftbench_plugins.methods.lora import Lora, LoraOptions
 
@@ -37,21 +36,8 @@ class Qlora(Lora):
     )
 
     def quantization_config(self, options: QloraOptions, policy):
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            raise PeftbenchError(
-                "method 'qlora' needs bitsandbytes, which is not installed.",
-                "pip install 'peftbench[quant]' (bitsandbytes), or use method lora.",
-            ) from None
-        from transformers import BitsAndBytesConfig
-
-        return BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=options.quant_type,
-            bnb_4bit_use_double_quant=options.double_quant,
-            bnb_4bit_compute_dtype=resolve_compute_dtype(policy, options.compute_dtype),
-        )
+        return four_bit_config(policy, method=self.name, quant_type=options.quant_type,
+                               double_quant=options.double_quant, compute_dtype=options.compute_dtype)
 
     def apply(self, model, options: QloraOptions, ctx):
         from peft import prepare_model_for_kbit_training
@@ -60,12 +46,12 @@ class Qlora(Lora):
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
         return super().apply(model, options, ctx)
 
-    def merge(self, model, ctx):
+    def merge(self, model, options, ctx):
         """Fold the trained adapter into a 16-bit base: merging into 4-bit weights would round the
         update away. The adapter must be saved first (the runner saves it before exporting)."""
         from peft import PeftModel
 
-        if ctx.recipe.method_options.merge_into == "nf4_roundtrip":
+        if options.merge_into == "nf4_roundtrip":
             base = ctx.load_base_model().dequantize()  # NF4 weights back in the compute dtype
         else:
             base = ctx.load_base_model(quantized=False)
