@@ -86,11 +86,15 @@ def cpu_flags() -> set[str]:
 def use_extra_buffers() -> bool:
     """Whether llama.cpp may repack weights into its CPU "extra buffer types" (AMX, AVX-512 layouts).
 
-    llama-cpp-python 0.3.36 built natively on a CPU with AMX (most current Xeons) dies with a
-    segmentation fault in the first prompt of more than a few tokens on any quantised GGUF when these
-    buffers are on (measured on the 2-core AMX Xeon: SmolLM2 Q4_1, a 222-token prompt; the same file
-    with them off answers at 51 tokens/s). Off on CPUs with AMX or AVX-512; on elsewhere, where they
-    worked. PEFTBENCH_LLAMA_EXTRA_BUFFERS=1 or 0 decides instead."""
+    llama-cpp-python 0.3.36 built natively (GGML_NATIVE=ON, its default) on a CPU with AMX compiles in
+    llama.cpp's AMX buffer type, and dies with a segmentation fault in the first prompt of more than a
+    few tokens on any quantised GGUF while it is on (2-core AMX Xeon, SmolLM2 Q4_1, a 222-token prompt).
+    The README installs a portable build (GGML_NATIVE=OFF: AVX2, no AMX), whose repacking works; this
+    default protects a native build installed some other way. Off on CPUs with AMX or AVX-512, on
+    elsewhere. Measured on that Xeon, SmolLM2 Q4_1, 222-token prompt then 47 tokens: native build with
+    the buffers off 0.61-0.64 s prefill, 57-66 tokens/s; portable build off 0.68-0.69 s, 58-60 tokens/s;
+    portable on 0.69 s, 61-62 tokens/s: no difference that matters for a smoke test.
+    PEFTBENCH_LLAMA_EXTRA_BUFFERS=1 or 0 decides instead."""
     forced = os.environ.get("PEFTBENCH_LLAMA_EXTRA_BUFFERS")
     if forced in ("0", "1"):
         return forced == "1"

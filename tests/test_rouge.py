@@ -9,7 +9,7 @@ REFERENCES = ["Tom will pick Anna up from the station at 6.", "The cat is sleepi
 def test_matches_rouge_score_with_stemming():
     scorer = rouge_scorer.RougeScorer(list(ROUGE_TYPES), use_stemmer=True)
     expected = {k: 0.0 for k in ROUGE_TYPES}
-    for p, r in zip(PREDICTIONS, REFERENCES):
+    for p, r in zip(PREDICTIONS, REFERENCES):  # one sentence each: ROUGE-Lsum needs no splitting here
         s = scorer.score(r, p)
         for k in ROUGE_TYPES:
             expected[k] += s[k].fmeasure / len(PREDICTIONS)
@@ -23,3 +23,16 @@ def test_stemming_counts_cats_as_cat_and_identical_text_scores_100():
     assert rouge(["cats sleeping"], ["cat sleeps"])["rouge1"] == 100.0
     assert rouge(["a b c"], ["a b c"]) == {"rouge1": 100.0, "rouge2": 100.0, "rougeL": 100.0, "rougeLsum": 100.0, "n": 1}
     assert rouge(["x y"], ["a b"])["rouge1"] == 0.0
+
+
+def test_rouge_lsum_scores_sentences_as_the_hf_summarisation_examples_do():
+    """Two sentences in the reference, the prediction's in the other order: ROUGE-L (one LCS over
+    the whole text) sees only one sentence's worth in order, ROUGE-Lsum (union LCS per sentence)
+    finds both, as rouge-score does on texts with one sentence per line."""
+    prediction = "Tom will bring the cake. Anna buys the flowers."
+    reference = "Anna buys the flowers. Tom will bring the cake."
+    scores = rouge([prediction], [reference])
+    scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
+    by_line = scorer.score(reference.replace(". ", ".\n"), prediction.replace(". ", ".\n"))["rougeLsum"].fmeasure
+    assert scores["rougeLsum"] == round(100 * by_line, 4) == 100.0
+    assert scores["rougeL"] < 60

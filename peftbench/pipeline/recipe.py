@@ -132,7 +132,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             node = child
         leaf = parts[-1]
         try:
-            parsed = yaml.safe_load(value) if value.strip() else ""
+            parsed = load_yaml(value, what=f"override '{item}'") if value.strip() else ""
         except yaml.YAMLError as e:
             raise PeftbenchError(
                 f"override '{item}': the value is not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}).",
@@ -156,13 +156,53 @@ def _index(part: str, node: list, key: str) -> int:
 # --- loading and validation ----------------------------------------------------------------------
 
 
+# A recipe is a few hundred YAML nodes. Nested aliases ("billion laughs": &a [x, x], &b [*a, *a], ...)
+# expand a 2 KB file into billions of nodes, which cost seconds and GBs wherever the data is walked
+# (validation, run.json): refuse a document whose expansion is larger than this, before building it.
+MAX_YAML_NODES = 100_000
+
+
+def load_yaml(text: str, what: str):
+    """yaml.safe_load, refusing documents whose aliases expand past MAX_YAML_NODES."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        try:
+            size = _expanded_size(node, {})
+        except RecursionError:
+            size = MAX_YAML_NODES + 1
+        if size > MAX_YAML_NODES:
+            raise PeftbenchError(f"{what} expands to more than {MAX_YAML_NODES:,} YAML nodes through its aliases (*name).",
+                                 "write the values out instead of nesting aliases; a recipe needs a few hundred nodes.")
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def _expanded_size(node, memo: dict) -> int:
+    """Nodes in the document once every alias is replaced by what it names (shared nodes counted
+    each time they are used; computed once per node)."""
+    if id(node) in memo:
+        return memo[id(node)]
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(child, memo) for child in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = size
+    return size
+
+
 def read_recipe_file(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise PeftbenchError(f"recipe file '{path}' {what}.", "pass the path of a YAML recipe, e.g. recipes/quickstart.yaml.")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml(path.read_text(encoding="utf-8"), what=f"recipe '{path}'")
     except UnicodeDecodeError as e:
         raise PeftbenchError(f"recipe '{path}' is not UTF-8 text (byte {e.start}).", "save the recipe as UTF-8 YAML.") from None
     except yaml.YAMLError as e:
