@@ -105,3 +105,20 @@ def test_core_never_imports_a_plugin_module():
     offending = {name: sorted(t for t in targets if t.startswith("peftbench_plugins"))
                  for name, targets in graph.items() if name.startswith("peftbench.")}
     assert {name: targets for name, targets in offending.items() if targets} == {}
+
+
+PIPELINE = ("peftbench/pipeline", "peftbench/compare")
+MAX_FUNCTION_LINES = 50
+
+
+def test_no_function_in_the_pipeline_is_over_50_lines():
+    """The pipeline reads as short stages: a function past 50 lines is several stages in one."""
+    long = []
+    for folder in PIPELINE:
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    lines = node.end_lineno - node.lineno + 1
+                    if lines > MAX_FUNCTION_LINES:
+                        long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
+    assert long == []

@@ -426,56 +426,63 @@ def write_plots(runs: list[Run], directory: Path, stem: str) -> list[tuple[str, 
     if not groups:
         return []
     colors = {g.label: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
-    written = []
-    for suffix, key, xlabel, log, scale in PLOTS:
-        points = [(g.stats[key].mean * scale, g.stats["rouge1"].mean, g) for g in groups if key in g.stats and "rouge1" in g.stats]
-        if not points:
-            continue
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        for x, y, g in points:
-            err = g.stats["rouge1"].std
-            ax.errorbar(x, y, yerr=err, fmt="o", color=colors[g.label], capsize=3, markersize=7)
-            ax.annotate(g.label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
-        base = [g.stats["base_rouge1"].mean for g in groups if "base_rouge1" in g.stats]
-        if base:
-            ax.axhline(statistics.fmean(base), color="black", linewidth=0.8, linestyle=":", label="base model")
-        front = pareto_front([(x, y) for x, y, _ in points])
-        ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", linewidth=1, label="Pareto front")
-        if log:
-            ax.set_xscale("log")
-        ax.margins(x=0.15, y=0.12)  # room for the point labels
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("ROUGE-1 (fine-tuned)")
-        ax.grid(True, alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-        ax.set_title(f"ROUGE-1 vs {xlabel.split(' (')[0]}")
-        fig.tight_layout()
-        name = f"{stem}_{suffix}.png"
-        fig.savefig(directory / name, dpi=110, metadata={"Software": None})
-        plt.close(fig)
-        written.append((f"ROUGE-1 vs {xlabel.split(' (')[0]}", name))
+    written = [_scatter_plot(plt, groups, colors, directory, stem, *plot) for plot in PLOTS]
+    written.append(_loss_plot(plt, groups, colors, directory, stem))
+    return [w for w in written if w]
 
+
+def _scatter_plot(plt, groups: list[Group], colors: dict, directory: Path, stem: str,
+                  suffix: str, key: str, xlabel: str, log: bool, scale: float) -> tuple[str, str] | None:
+    """ROUGE-1 against one cost (parameters, time, memory), with the Pareto front and the base model."""
+    points = [(g.stats[key].mean * scale, g.stats["rouge1"].mean, g) for g in groups if key in g.stats and "rouge1" in g.stats]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for x, y, g in points:
+        err = g.stats["rouge1"].std
+        ax.errorbar(x, y, yerr=err, fmt="o", color=colors[g.label], capsize=3, markersize=7)
+        ax.annotate(g.label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    base = [g.stats["base_rouge1"].mean for g in groups if "base_rouge1" in g.stats]
+    if base:
+        ax.axhline(statistics.fmean(base), color="black", linewidth=0.8, linestyle=":", label="base model")
+    front = pareto_front([(x, y) for x, y, _ in points])
+    ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", linewidth=1, label="Pareto front")
+    if log:
+        ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.12)  # room for the point labels
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("ROUGE-1 (fine-tuned)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    caption = f"ROUGE-1 vs {xlabel.split(' (')[0]}"
+    return caption, _save(plt, fig, ax, caption, directory / f"{stem}_{suffix}.png")
+
+
+def _loss_plot(plt, groups: list[Group], colors: dict, directory: Path, stem: str) -> tuple[str, str] | None:
     curves = [(g, r, [(h["step"], h["loss"]) for h in r.record["train_info"].get("metrics", []) if "loss" in h and "step" in h])
               for g in groups for r in g.ok_runs]
-    if any(points for _, _, points in curves):
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        labelled = set()
-        for g, r, points in curves:
-            if points:
-                ax.plot([p[0] for p in points], [p[1] for p in points], color=colors[g.label], linewidth=1.2,
-                        label=None if g.label in labelled else g.label)
-                labelled.add(g.label)
-        ax.set_xlabel("optimiser step")
-        ax.set_ylabel("training loss")
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8)
-        ax.set_title("Training loss")
-        fig.tight_layout()
-        name = f"{stem}_loss.png"
-        fig.savefig(directory / name, dpi=110, metadata={"Software": None})
-        plt.close(fig)
-        written.append(("training loss", name))
-    return written
+    if not any(points for _, _, points in curves):
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    labelled = set()
+    for g, r, points in curves:
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], color=colors[g.label], linewidth=1.2,
+                    label=None if g.label in labelled else g.label)
+            labelled.add(g.label)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("training loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return "training loss", _save(plt, fig, ax, "Training loss", directory / f"{stem}_loss.png")
+
+
+def _save(plt, fig, ax, title: str, path: Path) -> str:
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return path.name
 
 
 def write_report(paths: list[str | Path], output: str | Path, *, command: str = "", title: str | None = None) -> Path:
