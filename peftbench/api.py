@@ -168,6 +168,10 @@ class ExporterPlugin:
     # Exporters whose files this one reads: validation wants them earlier in the recipe's list.
     after: ClassVar[tuple[str, ...]] = ()
 
+    def missing_capabilities(self, capabilities: Capabilities) -> list[str]:
+        """What ``requires`` names and a method with these capabilities lacks (empty: it can run)."""
+        return [c for c in self.requires if not getattr(capabilities, c, False)]
+
     def export(self, options: Options, ctx: RunContext) -> ExportResult:
         raise NotImplementedError
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import copy
 import itertools
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +31,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError
 from peftbench.errors import PeftbenchError
 from peftbench.host import Host, get_host
 from peftbench.pipeline.recipe import _describe as describe_errors  # recipes' wording for schema errors
-from peftbench.pipeline.recipe import apply_overrides, read_recipe_file, validate_recipe
+from peftbench.pipeline.recipe import apply_overrides, read_recipe_file, set_key, validate_recipe
 from peftbench.pipeline.record import default_run_dir
 
 # hf trainer options that fix how much data a run sees: equal across runs unless a grid varies them.
@@ -142,7 +141,9 @@ def expand(spec: ComparisonRecipe, overrides: list[str], host: Host) -> list[Pla
         points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
         for point in points:
             config = label + "".join(f"-{key.split('.')[-1]}{_safe(str(value))}" for key, value in point.items())
-            point_raw = apply_overrides(run_raw, [f"{k}={json.dumps(v)}" for k, v in point.items()])
+            point_raw = copy.deepcopy(run_raw)
+            for key, value in point.items():
+                set_key(point_raw, key, value)
             point_raw = apply_overrides(point_raw, overrides)  # the command line has the last word
             for seed in seeds:
                 seed_raw = {**copy.deepcopy(point_raw), "seed": seed}
@@ -200,7 +201,7 @@ def _drop_unsupported_exporters(raw: dict, host: Host) -> list[str]:
     kept, notes = [], []
     for ref in raw["exporters"]:
         name = ref.get("name") if isinstance(ref, dict) else None
-        missing = [c for c in host.exporters.get(name).requires if not getattr(caps, c, False)] if name in host.exporters else []
+        missing = host.exporters.get(name).missing_capabilities(caps) if name in host.exporters else []
         if missing:
             notes.append(f"exporter '{name}' left out: method '{method_name}' lacks {', '.join(missing)}")
         else:

@@ -118,19 +118,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise PeftbenchError(f"override '{item}' has no '='.", "write overrides as key.sub=value, e.g. method.r=16.")
         key, _, value = item.partition("=")
-        parts = key.strip().split(".")
-        if not all(parts):
-            raise PeftbenchError(f"override key '{key}' is malformed.", "write overrides as key.sub=value, e.g. method.r=16.")
-        node: Any = data
-        for i, part in enumerate(parts[:-1]):
-            child = node[_index(part, node, key)] if isinstance(node, list) else node.setdefault(part, {})
-            if not isinstance(child, (dict, list)):
-                raise PeftbenchError(
-                    f"override '{key}': '{'.'.join(parts[: i + 1])}' is a value, not a section.",
-                    "override the value itself, or check the key path with `peftbench validate`.",
-                )
-            node = child
-        leaf = parts[-1]
+        _key_parts(key)
         try:
             parsed = load_yaml(value, what=f"override '{item}'") if value.strip() else ""
         except yaml.YAMLError as e:
@@ -138,11 +126,34 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
                 f"override '{item}': the value is not valid YAML ({getattr(e, 'problem', None) or type(e).__name__}).",
                 "quote it (key='text') or write a YAML scalar or list, e.g. method.target_modules=[q_proj,v_proj].",
             ) from None
-        if isinstance(node, list):
-            node[_index(leaf, node, key)] = parsed
-        else:
-            node[leaf] = parsed
+        set_key(data, key, parsed)
     return data
+
+
+def set_key(data: dict, key: str, value: Any) -> None:
+    """Set the nested key ``a.b.0.c`` of ``data`` in place to ``value`` (already parsed)."""
+    parts = _key_parts(key)
+    node: Any = data
+    for i, part in enumerate(parts[:-1]):
+        child = node[_index(part, node, key)] if isinstance(node, list) else node.setdefault(part, {})
+        if not isinstance(child, (dict, list)):
+            raise PeftbenchError(
+                f"override '{key}': '{'.'.join(parts[: i + 1])}' is a value, not a section.",
+                "override the value itself, or check the key path with `peftbench validate`.",
+            )
+        node = child
+    leaf = parts[-1]
+    if isinstance(node, list):
+        node[_index(leaf, node, key)] = value
+    else:
+        node[leaf] = value
+
+
+def _key_parts(key: str) -> list[str]:
+    parts = key.strip().split(".")
+    if not all(parts):
+        raise PeftbenchError(f"override key '{key}' is malformed.", "write overrides as key.sub=value, e.g. method.r=16.")
+    return parts
 
 
 def _index(part: str, node: list, key: str) -> int:
@@ -345,7 +356,7 @@ def _check_combinations(raw: dict, host: Host) -> list[str]:
         if not isinstance(name, str) or name not in host.exporters:
             continue
         exporter = host.exporters.get(name)
-        missing = [c for c in exporter.requires if not getattr(caps, c, False)]
+        missing = exporter.missing_capabilities(caps)
         if missing:
             problems.append(
                 f"exporters.{i}: '{exporter.name}' needs a method that is {', '.join(missing)}, "
