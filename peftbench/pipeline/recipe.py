@@ -77,22 +77,19 @@ class Recipe(Section):
 
 
 class ResolvedRecipe:
-    """A validated recipe with each plugin looked up and its options parsed."""
+    """A validated recipe with each plugin looked up and its options parsed (once, by validate_recipe)."""
 
-    def __init__(self, recipe: Recipe, host: Host, source: str, raw: dict):
+    def __init__(self, recipe: Recipe, host: Host, source: str, raw: dict, options: dict[str, BaseModel]):
         self.recipe = recipe
         self.source = source
         self.raw = raw
         self.dataset = host.datasets.get(recipe.dataset.name)
-        self.dataset_options = self.dataset.Options.model_validate(_options(recipe.dataset))
+        self.dataset_options = options["dataset"]
         self.method = host.methods.get(recipe.method.name)
-        self.method_options = self.method.Options.model_validate(_options(recipe.method))
+        self.method_options = options["method"]
         self.trainer = host.trainers.get(recipe.trainer.name)
-        self.trainer_options = self.trainer.Options.model_validate(_options(recipe.trainer))
-        self.exporters = [(host.exporters.get(e.name), None) for e in recipe.exporters]
-        self.exporters = [
-            (plugin, plugin.Options.model_validate(_options(ref))) for (plugin, _), ref in zip(self.exporters, recipe.exporters)
-        ]
+        self.trainer_options = options["trainer"]
+        self.exporters = [(host.exporters.get(ref.name), options[f"exporters.{i}"]) for i, ref in enumerate(recipe.exporters)]
 
     def resolved_dict(self) -> dict:
         """The recipe with every default filled in: what the run really used."""
@@ -102,10 +99,6 @@ class ResolvedRecipe:
         d["trainer"] = {"name": self.trainer.name, **self.trainer_options.model_dump(mode="json")}
         d["exporters"] = [{"name": p.name, **o.model_dump(mode="json")} for p, o in self.exporters]
         return d
-
-
-def _options(ref: PluginRef) -> dict:
-    return dict(ref.model_extra or {})
 
 
 # --- overrides -----------------------------------------------------------------------------------
@@ -240,6 +233,7 @@ def validate_recipe(raw: dict, source: str = "<recipe>", host: Host | None = Non
         problems += _describe(e, Recipe, raw)
 
     # Each plugin's own options, checked even when other sections failed, so one message names all.
+    parsed: dict[str, BaseModel] = {}
     sections = [("dataset", host.datasets, raw.get("dataset")), ("method", host.methods, raw.get("method")),
                 ("trainer", host.trainers, raw.get("trainer", {"name": "hf"}))]
     exporters = raw.get("exporters", [{"name": "adapter"}])
@@ -256,14 +250,14 @@ def validate_recipe(raw: dict, source: str = "<recipe>", host: Host | None = Non
             continue
         options = {k: v for k, v in ref.items() if k != "name"}
         try:
-            registry.get(ref["name"]).Options.model_validate(options)
+            parsed[where] = registry.get(ref["name"]).Options.model_validate(options)
         except ValidationError as e:
             problems += [f"{where}.{p}" for p in _describe(e, registry.get(ref["name"]).Options, options)]
     problems += _check_paths(raw)
     problems += _check_combinations(raw, host)
     if problems:
         raise _invalid(source, problems)
-    return ResolvedRecipe(recipe, host, source, raw)
+    return ResolvedRecipe(recipe, host, source, raw, parsed)
 
 
 def _invalid(source: str, problems: list[str]) -> PeftbenchError:
