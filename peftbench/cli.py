@@ -38,7 +38,7 @@ def _cmd_run(args) -> int:
         # A taken run directory is refused here, in one line, rather than from inside the launch;
         # accelerate launch then runs this same command in each process, where it finds itself launched.
         prepare_run_dir(Path(args.output_dir) if args.output_dir else default_run_dir(recipe),
-                        resume=args.resume, overwrite=args.overwrite)
+                        resume=args.resume, overwrite=args.overwrite, claim=False)  # the launched main process claims it
         return launch(args.num_processes, args.argv)
     with _sigterm_as_interrupt():
         run_recipe(recipe, Path(args.output_dir) if args.output_dir else None, resume=args.resume, overwrite=args.overwrite)

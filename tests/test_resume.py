@@ -125,11 +125,10 @@ def test_overwrite_replaces_a_finished_run(write_recipe, tmp_path):
     run_dir = tmp_path / "run"
     assert main(["run", str(recipe), "--output-dir", str(run_dir), "trainer.max_steps=2"]) == 0
     first = read_json(run_dir / "run.json")
-    (run_dir / "notes.txt").write_text("left by the first run")
     assert main(["run", str(recipe), "--output-dir", str(run_dir), "--overwrite", "trainer.max_steps=1"]) == 0
     second = read_json(run_dir / "run.json")
     assert (first["train_info"]["steps"], second["train_info"]["steps"]) == (2, 1)
-    assert second["run_info"]["status"] == "success" and not (run_dir / "notes.txt").exists()
+    assert second["run_info"]["status"] == "success"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["checkpoint-1"]
 
 
@@ -140,8 +139,58 @@ def test_overwrite_never_deletes_a_directory_that_is_not_a_run(write_recipe, tmp
     (precious / "thesis.tex").write_text("years of work")
     for flag in ("--overwrite", "--resume"):
         assert main(["run", str(recipe), "--output-dir", str(precious), flag]) == 2
-        assert "holds no peftbench run (no run.json)" in capsys.readouterr().out
+        assert "holds no peftbench run (no run.json written by peftbench)" in capsys.readouterr().out
     assert [p.name for p in precious.iterdir()] == ["thesis.tex"]
+
+
+def test_a_recipe_yaml_or_foreign_run_json_does_not_make_a_folder_a_run(write_recipe, tmp_path, capsys):
+    """Issue 17, case 1: a folder holding a file named recipe.yaml (or a run.json that is not
+    peftbench's) was deleted by --overwrite and written into by --resume."""
+    recipe = write_recipe()
+    folder = tmp_path / "x"
+    (folder / "data").mkdir(parents=True)
+    (folder / "thesis.tex").write_text("a")
+    (folder / "recipe.yaml").write_text("my: notes\n")
+    for run_json in (None, '{"results": [1, 2]}'):
+        if run_json:
+            (folder / "run.json").write_text(run_json)
+        for flag in ("--overwrite", "--resume"):
+            assert main(["run", str(recipe), "trainer.max_steps=1", "--output-dir", str(folder), flag]) == 2
+            assert "holds no peftbench run" in " ".join(capsys.readouterr().out.split())
+    assert sorted(p.name for p in folder.iterdir()) == ["data", "recipe.yaml", "run.json", "thesis.tex"]
+    assert (folder / "recipe.yaml").read_text() == "my: notes\n" and (folder / "thesis.tex").read_text() == "a"
+
+
+def test_overwrite_deletes_only_what_peftbench_wrote(write_recipe, tmp_path, capsys):
+    recipe = write_recipe({"name": "lora", "r": 2}, evaluation={"baseline": False, "max_samples": 1, "max_new_tokens": 2})
+    run_dir = tmp_path / "run"
+    assert main(["run", str(recipe), "--output-dir", str(run_dir), "trainer.max_steps=1"]) == 0
+    (run_dir / "notes.txt").write_text("mine")
+    before = sorted(p.name for p in run_dir.iterdir())
+    assert main(["run", str(recipe), "--output-dir", str(run_dir), "--overwrite", "trainer.max_steps=1"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "also holds files peftbench did not write: notes.txt" in out
+    assert sorted(p.name for p in run_dir.iterdir()) == before
+
+
+def test_a_run_directory_in_use_by_another_process_is_refused(write_recipe, tmp_path, capsys):
+    """Issue 17, case 2: --resume or --overwrite while another process writes the same directory."""
+    import fcntl
+    import os
+
+    recipe = write_recipe({"name": "lora", "r": 2}, evaluation={"baseline": False, "max_samples": 1, "max_new_tokens": 2})
+    run_dir = tmp_path / "run"
+    assert main(["run", str(recipe), "--output-dir", str(run_dir), "trainer.max_steps=1"]) == 0
+    before = read_json(run_dir / "run.json")
+    other = os.open(run_dir, os.O_RDONLY)  # what a running peftbench process holds
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        for flag in ("--overwrite", "--resume"):
+            assert main(["run", str(recipe), "--output-dir", str(run_dir), flag, "trainer.max_steps=1"]) == 2
+            assert "is in use by another peftbench process" in " ".join(capsys.readouterr().out.split())
+        assert read_json(run_dir / "run.json") == before
+    finally:
+        os.close(other)
 
 
 def test_resume_and_overwrite_together_is_a_usage_error(write_recipe, capsys):

@@ -35,6 +35,10 @@ def _one_error_line(capsys) -> str:
     (["model=3"], "model: must be a section of key: value lines (got 3)"),
     (["exporters=[adapter]"], "exporters.0: must be a section of key: value lines (got 'adapter')"),
     (["prompt.template=no placeholder"], "prompt.template: Value error, must contain the placeholder {dialogue}"),
+    # Issue 17, case 7: transformers checks these only when training starts, after run.json is written.
+    (["trainer.optim=bogus"], "trainer.optim: Value error, unknown transformers optimiser 'bogus'; known: adamw_torch,"),
+    (["trainer.lr_scheduler=cosin"], "trainer.lr_scheduler: Value error, unknown transformers scheduler 'cosin'; "
+                                     "did you mean 'cosine'?"),
 ])
 def test_each_kind_of_problem_is_named(write_recipe, capsys, overrides, expected):
     assert main(["validate", str(write_recipe()), *overrides]) == 2

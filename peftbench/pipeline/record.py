@@ -77,14 +77,18 @@ def default_run_dir(source: str, output_dir: str | Path | None = None) -> Path:
 
 
 def recorded_status(run_dir: Path) -> str | None:
-    """The status run_dir/run.json records; None when the directory holds no peftbench run."""
+    """The status run_dir/run.json records; None when the directory holds no peftbench run (a
+    run.json that is not peftbench's layout does not make one)."""
     path = Path(run_dir) / RECORD_FILE
     if not path.is_file():
-        return "starting" if (Path(run_dir) / "recipe.yaml").is_file() else None
+        return None
     try:
-        return str(read_json(path)["run_info"]["status"])
+        info = read_json(path)["run_info"]
+        if not isinstance(info, dict) or "stages" not in info or "experiment_name" not in info:
+            return None
+        return str(info["status"])
     except (OSError, ValueError, KeyError, TypeError):  # edited by hand or truncated by a full disk
-        return "unreadable"
+        return "unreadable" if path.stat().st_size == 0 else None
 
 
 def first_non_finite(log_history: list[dict]) -> tuple[str, float, int | None] | None:

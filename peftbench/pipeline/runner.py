@@ -7,6 +7,7 @@ truthful record, and a failing export never takes the adapter or the scores with
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,19 +36,43 @@ def default_run_dir(recipe: ResolvedRecipe) -> Path:
     return run_dir_for(recipe.source, recipe.recipe.output_dir)
 
 
-def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
-    """A run gets its own directory; a finished run is never overwritten by accident."""
+# What a run writes into its directory; --overwrite deletes these and nothing else.
+RUN_ENTRIES = ("run.json", "recipe.yaml", "report.md", "predictions_*.jsonl", "adapter", "checkpoints", "exports",
+               ".*.tmp", ".*.old")
+# Open directory descriptors holding a run directory's lock, kept for the life of the process.
+_LOCKS: dict[Path, int] = {}
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, claim: bool = True) -> None:
+    """A run gets its own directory; a finished run is never overwritten by accident, a directory that
+    is not a peftbench run is never written into or deleted, and one process at a time owns it.
+    ``claim``: take the directory (an advisory lock held until the process ends, then --overwrite's
+    deletion); without it, only check what a claim would refuse (a launcher does, before its processes)."""
     if run_dir.exists() and not run_dir.is_dir():
         raise PeftbenchError(f"output directory '{run_dir}' is a file.", "pass --output-dir DIR with a directory.")
+    if claim:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PeftbenchError(f"cannot create output directory '{run_dir}': {e.strerror}.",
+                                 "pass --output-dir DIR in a place you can write to.") from None
+        _lock(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
         status = recorded_status(run_dir)
         if status is None:
             raise PeftbenchError(
-                f"output directory '{run_dir}' is not empty and holds no peftbench run (no run.json).",
+                f"output directory '{run_dir}' is not empty and holds no peftbench run (no run.json written by peftbench).",
                 "pass --output-dir DIR with a new or empty directory (peftbench deletes only its own run directories).",
             )
         if overwrite:
-            shutil.rmtree(run_dir)
+            foreign = sorted(p.name for p in run_dir.iterdir() if not _is_run_entry(p.name))
+            if foreign:
+                raise PeftbenchError(
+                    f"--overwrite would delete '{run_dir}', which also holds files peftbench did not write: "
+                    f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}.",
+                    "move them out, or pass --output-dir DIR for a new run.")
+            for entry in run_dir.iterdir() if claim else ():
+                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
         elif resume:
             if status == "success":
                 raise PeftbenchError(f"run '{run_dir}' already finished.", "use --overwrite to run it again, or --output-dir for a new run.")
@@ -57,7 +82,37 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool) -> None:
                 f"output directory '{run_dir}' {what}.",
                 "pass --resume to continue it, --overwrite to replace it, or --output-dir DIR for a new run.",
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if claim:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def _is_run_entry(name: str) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatch(name, pattern) for pattern in RUN_ENTRIES)
+
+
+def _lock(run_dir: Path) -> None:
+    """flock on the directory itself: released by the kernel when the process ends, however it ends."""
+    import fcntl
+
+    key = run_dir.resolve()
+    if key in _LOCKS:
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PeftbenchError(f"output directory '{run_dir}' is in use by another peftbench process.",
+                             "wait for it to finish (or stop it), or pass --output-dir DIR for a new run.") from None
+    _LOCKS[key] = fd
+
+
+def release_run_dir(run_dir: Path) -> None:
+    fd = _LOCKS.pop(run_dir.resolve(), None)
+    if fd is not None:
+        os.close(fd)
 
 
 @dataclass
@@ -80,32 +135,36 @@ class RunState:
 
 def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run one recipe end to end; returns the run record (also written to run_dir/run.json)."""
-    run = start(recipe, Path(run_dir or default_run_dir(recipe)), resume=resume, overwrite=overwrite)
-    load_data(run)
-    load_base_model(run)
-    evaluate_baseline(run)
-    apply_method(run)
-    train(run)
-    # Training was the one stage that needs every process; the rest happens once, on the main one.
-    if run.processes.is_main:
-        save_adapter(run)
-        evaluate_finetuned(run)
-        export(run)
-        finish(run)
-    run.processes.close()
-    return run.record.data
+    run_dir = Path(run_dir or default_run_dir(recipe))
+    try:
+        run = start(recipe, run_dir, resume=resume, overwrite=overwrite)
+        load_data(run)
+        load_base_model(run)
+        evaluate_baseline(run)
+        apply_method(run)
+        train(run)
+        # Training was the one stage that needs every process; the rest happens once, on the main one.
+        if run.processes.is_main:
+            save_adapter(run)
+            evaluate_finetuned(run)
+            export(run)
+            finish(run)
+        run.processes.close()
+        return run.record.data
+    finally:
+        release_run_dir(run_dir)  # the process may go on (tests, comparisons): let the next run have it
 
 
 def start(recipe: ResolvedRecipe, run_dir: Path, *, resume: bool, overwrite: bool) -> RunState:
-    """The run directory, recipe.yaml and a run.json from the first moment (it marks the directory as a run)."""
+    """The run directory (claimed), run.json from the first moment, then recipe.yaml."""
     policy = resolve_policy(recipe.recipe.model.dtype)
     # Under `accelerate launch` every process trains; only the main one touches the run directory.
     processes = distributed.start(policy.device)
     processes.on_main(prepare_run_dir, run_dir, resume=resume, overwrite=overwrite)
     record = RunRecord(recipe.resolved_dict(), run_dir, writes=processes.is_main)
+    record.save()  # run.json from the first moment: it marks the directory as a peftbench run
     if processes.is_main:
         atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
-    record.save()
     ctx = RunContext(recipe=recipe, run_dir=run_dir, policy=policy, model_source="", resume=resume)
     record.data["meta_info"] = {"model_id": recipe.recipe.model.name, "package_info": package_versions(),
                                 "system_info": system_info(policy), "policy_substitutions": policy.substitutions}

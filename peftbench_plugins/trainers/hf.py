@@ -50,6 +50,21 @@ class HfTrainerOptions(Options):
         description="experiment trackers the Trainer logs to (must be installed); tensorboard writes to checkpoints/runs/",
     )
 
+    @field_validator("optim")
+    @classmethod
+    def _known_optimizer(cls, name: str) -> str:
+        # transformers only checks these names when TrainingArguments is built, mid-run: check them here.
+        from transformers.training_args import OptimizerNames
+
+        return _one_of(name, [o.value for o in OptimizerNames], "optimiser")
+
+    @field_validator("lr_scheduler")
+    @classmethod
+    def _known_scheduler(cls, name: str) -> str:
+        from transformers.trainer_utils import SchedulerType
+
+        return _one_of(name, [t.value for t in SchedulerType], "scheduler")
+
     @field_validator("report_to")
     @classmethod
     def _trackers_installed(cls, trackers: list[str]) -> list[str]:
@@ -59,6 +74,16 @@ class HfTrainerOptions(Options):
         if missing:
             raise ValueError(f"{', '.join(missing)} not installed (pip install {' '.join(missing)}, or remove it from report_to)")
         return trackers
+
+
+def _one_of(name: str, known: list[str], what: str) -> str:
+    import difflib
+
+    if name not in known:
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        raise ValueError(f"unknown transformers {what} '{name}'; {hint}known: {', '.join(known)}")
+    return name
 
 
 class HfTrainer(TrainerPlugin):
