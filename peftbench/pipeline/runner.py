@@ -214,7 +214,8 @@ def apply_method(run: RunState) -> None:
         trainable, total = count_parameters(ctx.model)
         record["train_info"].update(num_trainable_params=trainable, num_total_params=total,
                                     trainable_percent=round(100 * trainable / total, 4))
-        record["run_info"]["peft_config"] = peft_config_record(getattr(ctx.model, "peft_config", None))
+        uses_peft = recipe.method.capabilities.uses_peft  # a peft.PeftModel, with the peft_config peft's tools read
+        record["run_info"]["peft_config"] = peft_config_record(ctx.model.peft_config) if uses_peft else None
         console.print(f"{recipe.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
 
 
