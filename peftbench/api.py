@@ -61,6 +61,7 @@ class RunContext(Protocol):
     resume: bool
     eval_dataset: Any  # the examples evaluation scores (exporters' smoke tests score the same)
     exports: dict[str, ExportResult]  # what the exporters before this one returned, by exporter name
+    record: dict  # run.json so far, read-only: plugins return results, the runner records them
 
     @property
     def adapter_dir(self) -> Path: ...

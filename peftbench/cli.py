@@ -251,6 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
+    from peftbench.library_output import send_library_output_to_log
+    from peftbench.pipeline.modeling import cache_root
+
+    send_library_output_to_log(cache_root() / "peftbench.log")
     try:
         return args.func(args)
     except PeftbenchError as e:

@@ -54,7 +54,7 @@ def test_two_processes_write_one_run_directory(runs):
     run_dir = runs["two"]
     assert [p.name for p in run_dir.parent.iterdir()] == ["run"]
     names = {p.name for p in run_dir.iterdir()}
-    assert names == {"run.json", "report.md", "recipe.yaml", "predictions_baseline.jsonl",
+    assert names == {"run.json", "report.md", "recipe.yaml", "run.log", "predictions_baseline.jsonl",
                      "predictions_finetuned.jsonl", "adapter", "checkpoints"}, names  # no stray temporary files
     for which in ("baseline", "finetuned"):
         assert len(read_jsonl(run_dir / f"predictions_{which}.jsonl")) == 4  # written once, not appended twice

@@ -3,6 +3,7 @@
 import json
 
 import torch
+import yaml
 
 from peftbench.cli import main
 from peftbench.files import read_json
@@ -29,6 +30,12 @@ def test_run_writes_a_complete_run_directory(tmp_path, write_recipe, tiny_model_
     assert record["meta_info"]["package_info"]["transformers-version"]
     assert record["run_info"]["recipe"]["trainer"]["max_steps"] == 3  # the resolved recipe, overrides applied
     assert (run_dir / "recipe.yaml").is_file() and "ROUGE-1" in (run_dir / "report.md").read_text()
+    # The adapter carries a model card with Hub metadata, the scores of this run and its recipe.
+    card = (run_dir / "adapter" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["base_model"] == str(tiny_model_dir) and meta["library_name"] == "peft" and "lora" in meta["tags"]
+    assert f"| fine-tuned | {record['eval']['finetuned']['rouge1']:.2f} |" in card
+    assert "trainer:" in card and "max_steps: 3" in card
     predictions = read_jsonl(run_dir / "predictions_finetuned.jsonl")
     assert len(predictions) == 4 and {"id", "prediction", "reference"} <= set(predictions[0])
 

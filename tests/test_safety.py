@@ -80,6 +80,29 @@ def test_remote_code_stays_off_and_weights_come_from_safetensors(write_recipe, t
     assert load_recipe(recipe, ["model.trust_remote_code=true"]).recipe.model.trust_remote_code is True
 
 
+def test_a_recipe_file_cannot_turn_remote_code_on(write_recipe, tmp_path, capsys):
+    """Issue 17, case 13: only the command line may run a model's own code, with a warning naming it."""
+    import yaml
+
+    recipe = write_recipe({"name": "lora", "r": 2})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["model"]["trust_remote_code"] = True
+    shared = tmp_path / "from_someone.yaml"
+    shared.write_text(yaml.safe_dump(raw))
+    for command in ("validate", "run"):
+        assert main([command, str(shared), "--output-dir" if command == "run" else "trainer.max_steps=1",
+                     *([str(tmp_path / "run")] if command == "run" else [])]) == 2
+        out = " ".join(capsys.readouterr().out.split())
+        assert "a recipe file cannot make peftbench run a model's own code" in out and "model.trust_remote_code=true" in out
+    assert not (tmp_path / "run").exists()
+
+    (raw["model"]).pop("trust_remote_code")
+    shared.write_text(yaml.safe_dump(raw))
+    assert main(["validate", str(shared), "model.trust_remote_code=true"]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    assert "warning: model.trust_remote_code=true: transformers will import and run the Python files in" in out
+
+
 def test_pickled_weights_are_refused(tiny_model_dir, tmp_path):
     from peftbench.pipeline.device import resolve_policy
     from peftbench.pipeline.modeling import load_model

@@ -21,6 +21,7 @@ class RunContext:
     resume: bool = False
     eval_dataset: Any = None  # the examples evaluation scores (exporters' smoke tests score the same)
     exports: dict = field(default_factory=dict)  # exporter name -> the ExportResult it returned, in recipe order
+    record: dict = field(default_factory=dict)  # run.json so far, to read (stages return results; the runner records them)
 
     @property
     def adapter_dir(self) -> Path:

@@ -219,8 +219,30 @@ def read_recipe_file(path: str | Path) -> dict:
 
 
 def load_recipe(path: str | Path, overrides: list[str] = (), host: Host | None = None) -> ResolvedRecipe:
-    raw = apply_overrides(read_recipe_file(path), list(overrides))
-    return validate_recipe(raw, source=str(path), host=host)
+    from_file = read_recipe_file(path)
+    model = from_file.get("model")
+    if isinstance(model, dict) and model.get("trust_remote_code"):
+        # A recipe may come from someone else; running a model's own Python code is the user's call.
+        raise PeftbenchError(
+            f"recipe '{path}' sets model.trust_remote_code: a recipe file cannot make peftbench run a model's own code.",
+            "remove it from the recipe; if you trust the model's code, say so on the command line: "
+            "model.trust_remote_code=true.")
+    raw = apply_overrides(from_file, list(overrides))
+    resolved = validate_recipe(raw, source=str(path), host=host)
+    if resolved.recipe.model.trust_remote_code:
+        warn_remote_code(resolved.recipe.model.name)
+    return resolved
+
+
+def warn_remote_code(name: str) -> None:
+    """Name the code that trust_remote_code will run, once, before anything is loaded."""
+    from peftbench.console import console
+
+    local = Path(name).expanduser()
+    files = sorted(p.name for p in local.glob("*.py")) if local.is_dir() else []
+    what = f"the Python files in '{name}': {', '.join(files) or 'none found now'}" if local.is_dir() else \
+        f"the Python code of hub repo '{name}' (downloaded with the model)"
+    console.print(f"[bold yellow]warning:[/] model.trust_remote_code=true: transformers will import and run {what}.")
 
 
 def validate_recipe(raw: dict, source: str = "<recipe>", host: Host | None = None) -> ResolvedRecipe:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,7 @@ def default_run_dir(recipe: ResolvedRecipe) -> Path:
 
 
 # What a run writes into its directory; --overwrite deletes these and nothing else.
-RUN_ENTRIES = ("run.json", "recipe.yaml", "report.md", "predictions_*.jsonl", "adapter", "checkpoints", "exports",
+RUN_ENTRIES = ("run.json", "recipe.yaml", "report.md", "run.log", "predictions_*.jsonl", "adapter", "checkpoints", "exports",
                ".*.tmp", ".*.old")
 # Open directory descriptors holding a run directory's lock, kept for the life of the process.
 _LOCKS: dict[Path, int] = {}
@@ -136,8 +137,10 @@ class RunState:
 def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run one recipe end to end; returns the run record (also written to run_dir/run.json)."""
     run_dir = Path(run_dir or default_run_dir(recipe))
-    try:
-        run = start(recipe, run_dir, resume=resume, overwrite=overwrite)
+    with ExitStack() as on_exit:
+        # The process may go on (tests, comparisons): let the next run have the directory.
+        on_exit.callback(release_run_dir, run_dir)
+        run = start(recipe, run_dir, resume=resume, overwrite=overwrite, on_exit=on_exit)
         load_data(run)
         load_base_model(run)
         evaluate_baseline(run)
@@ -151,11 +154,9 @@ def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: b
             finish(run)
         run.processes.close()
         return run.record.data
-    finally:
-        release_run_dir(run_dir)  # the process may go on (tests, comparisons): let the next run have it
 
 
-def start(recipe: ResolvedRecipe, run_dir: Path, *, resume: bool, overwrite: bool) -> RunState:
+def start(recipe: ResolvedRecipe, run_dir: Path, *, resume: bool, overwrite: bool, on_exit: ExitStack) -> RunState:
     """The run directory (claimed), run.json from the first moment, then recipe.yaml."""
     policy = resolve_policy(recipe.recipe.model.dtype)
     # Under `accelerate launch` every process trains; only the main one touches the run directory.
@@ -164,8 +165,12 @@ def start(recipe: ResolvedRecipe, run_dir: Path, *, resume: bool, overwrite: boo
     record = RunRecord(recipe.resolved_dict(), run_dir, writes=processes.is_main)
     record.save()  # run.json from the first moment: it marks the directory as a peftbench run
     if processes.is_main:
+        from peftbench.library_output import quiet_progress_bars, run_log
+
+        quiet_progress_bars()  # transformers and datasets are imported by now
+        on_exit.enter_context(run_log(run_dir / "run.log"))  # library output, for this run
         atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
-    ctx = RunContext(recipe=recipe, run_dir=run_dir, policy=policy, model_source="", resume=resume)
+    ctx = RunContext(recipe=recipe, run_dir=run_dir, policy=policy, model_source="", resume=resume, record=record.data)
     record.data["meta_info"] = {"model_id": recipe.recipe.model.name, "package_info": package_versions(),
                                 "system_info": system_info(policy), "policy_substitutions": policy.substitutions}
     return RunState(recipe=recipe, ctx=ctx, record=record, processes=processes)
