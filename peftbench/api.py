@@ -48,7 +48,6 @@ class Capabilities:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
 
 
-
 class RunContext(Protocol):
     """What every stage of a run can see (``peftbench.pipeline.context.RunContext`` implements it)."""
 
