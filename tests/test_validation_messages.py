@@ -133,3 +133,28 @@ def test_non_mergeable_method_with_a_merging_exporter(write_recipe, tmp_path, ca
 def test_a_valid_recipe_passes(write_recipe, capsys):
     assert main(["validate", str(write_recipe())]) == 0
     assert capsys.readouterr().out.startswith("ok ")
+
+
+def test_model_references_that_are_not_models_are_named_before_anything_runs(write_recipe, tmp_path, capsys):
+    """Issue 17, case 9: each of these was a traceback after run.json was written."""
+    from peftbench.pipeline.modeling import OFFLINE_MODEL, resolve_package_file
+
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("hi")
+    (tmp_path / "config_only").mkdir()
+    (tmp_path / "config_only" / "config.json").write_text('{"model_type": "llama"}')
+    (tmp_path / "text.gguf").write_text("not a model")
+    (tmp_path / "cut.gguf").write_bytes(resolve_package_file(OFFLINE_MODEL).read_bytes()[:100_000])
+    cases = {
+        "empty": "is a folder without config.json, not a transformers model",
+        "notes": "is a folder without config.json, not a transformers model",
+        "config_only": "has no .safetensors weights",
+        "text.gguf": "is not a GGUF file (it does not start with the GGUF magic bytes)",
+        "cut.gguf": "is not a complete GGUF file",
+    }
+    for name, expected in cases.items():
+        run_dir = tmp_path / f"run-{name}"
+        assert main(["run", str(write_recipe()), f"model.name={tmp_path / name}", "--output-dir", str(run_dir)]) == 2
+        assert expected in _one_error_line(capsys), name
+        assert not run_dir.exists(), name

@@ -43,6 +43,43 @@ def resolve_package_file(ref: str) -> Path:
     return path
 
 
+def local_model_problem(path: Path) -> str | None:
+    """What makes a local model reference unusable (a folder that is not a transformers checkpoint,
+    a file that is not a whole GGUF), or None. Checked at validation, before a run starts."""
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            return f"'{path}' is a folder without config.json, not a transformers model (give a model directory or a .gguf file)"
+        if not any(path.glob("*.safetensors")):
+            return f"'{path}' has no .safetensors weights (peftbench loads only safetensors, never pickled .bin/.pt)"
+        if not any((path / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            return f"'{path}' has no tokenizer files (tokenizer.json / tokenizer_config.json): save the tokenizer with the model"
+        return None
+    if path.suffix == ".gguf":
+        return gguf_problem(path)
+    return None
+
+
+def gguf_problem(path: Path) -> str | None:
+    """None for a readable, complete GGUF; else what is wrong with it (read with the gguf package's
+    GGUFReader: the header and tensor table, no weights)."""
+    with open(path, "rb") as f:
+        if f.read(4) != b"GGUF":
+            return f"'{path}' is not a GGUF file (it does not start with the GGUF magic bytes)"
+    try:
+        from gguf import GGUFReader
+
+        reader = GGUFReader(str(path))
+        end = max((t.data_offset + int(t.n_bytes) for t in reader.tensors), default=0)
+    except ImportError:
+        return None  # transformers reads it later and reports problems itself
+    except Exception as e:  # a cut header shows as struct/Value/Index errors inside the reader
+        return f"'{path}' is not a complete GGUF file ({type(e).__name__} while reading its header: it may be truncated)"
+    size = path.stat().st_size
+    if end > size:
+        return f"'{path}' is truncated: its tensors need {end:,} bytes, the file has {size:,}"
+    return None
+
+
 def resolve_model_source(name: str, gguf_file: str | None = None) -> str:
     """A local directory with a transformers checkpoint, or a hub id, for ``from_pretrained``."""
     if name.startswith("pkg:"):

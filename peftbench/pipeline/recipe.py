@@ -354,6 +354,12 @@ def _check_paths(raw: dict) -> list[str]:
             problems.append(f"model.name: {e.problem}")
     elif looks_like_path(name) and not _exists(name):
         problems.append(f"model.name: '{name}' does not exist (give a hub id, a model directory or a .gguf file)")
+    elif looks_like_path(name) or _exists(name):
+        from peftbench.pipeline.modeling import local_model_problem
+
+        problem = local_model_problem(Path(name).expanduser())
+        if problem:
+            problems.append(f"model.name: {problem}")
     path = _section(raw, "dataset").get("path")
     if isinstance(path, str) and looks_like_path(path) and not _exists(path):
         problems.append(f"dataset.path: '{path}' does not exist")
