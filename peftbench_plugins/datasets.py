@@ -66,6 +66,8 @@ def load_splits(path_or_id: str):
         kinds = {FORMATS[f.suffix] for f in files.values()}
         if len(kinds) > 1:
             raise PeftbenchError(f"mixed file formats in '{path}'.", "keep all splits in one format.")
+        for file in files.values():
+            _check_readable(file)
         return datasets.load_dataset(kinds.pop(), data_files={k: str(v) for k, v in files.items()})
     try:
         loaded = datasets.load_dataset(path_or_id)
@@ -75,6 +77,30 @@ def load_splits(path_or_id: str):
             "check the id and your network, or set dataset.path to a local file or folder.",
         ) from None
     return datasets.DatasetDict({SPLIT_ALIASES.get(k, k): v for k, v in loaded.items()})
+
+
+def _check_readable(file: Path) -> None:
+    """Problems datasets reports as tracebacks (StopIteration, DatasetGenerationError), named here."""
+    import json
+
+    if file.stat().st_size == 0:
+        raise PeftbenchError(f"'{file}' is empty.", "point dataset.path at a file with one example per line or row.")
+    if file.suffix == ".jsonl":
+        with open(file, encoding="utf-8", errors="replace") as f:
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise PeftbenchError(f"line {number} of '{file}' is not valid JSON ({e.msg}).",
+                                         "fix or remove that line: JSONL holds one JSON object per line.") from None
+    if file.suffix == ".csv":
+        with open(file, encoding="utf-8", errors="replace") as f:
+            header = f.readline()
+        if "," not in header and ";" in header:
+            raise PeftbenchError(f"'{file}' looks ';'-separated (its header is {header.strip()!r}); peftbench reads "
+                                 "comma-separated CSV.", "save it comma-separated, or as JSONL.")
 
 
 def prepare(splits, options: SamsumOptions, seed: int) -> LoadedDataset:
@@ -111,6 +137,10 @@ def prepare(splits, options: SamsumOptions, seed: int) -> LoadedDataset:
         out[name] = split
     if "train" not in out:
         raise PeftbenchError("the dataset has no train split.", "provide a train file (train.jsonl, train.json, ...).")
+    if not len(out["train"]):
+        raise PeftbenchError(f"every row of the train split has an empty dialogue or summary "
+                             f"({stats['dropped_empty']['train']} dropped).",
+                             "check dataset.dialogue_column / dataset.summary_column and the file's contents.")
     unknown = set(options.max_samples) - {"train", "validation", "test"}
     if unknown:
         raise PeftbenchError(f"dataset.max_samples names unknown split(s) {sorted(unknown)}.", "use train, validation or test.")

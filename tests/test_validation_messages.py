@@ -158,3 +158,33 @@ def test_model_references_that_are_not_models_are_named_before_anything_runs(wri
         assert main(["run", str(write_recipe()), f"model.name={tmp_path / name}", "--output-dir", str(run_dir)]) == 2
         assert expected in _one_error_line(capsys), name
         assert not run_dir.exists(), name
+
+
+def test_data_that_cannot_be_used_is_named_and_leaves_no_run_directory(write_recipe, tiny_data_dir, tmp_path, capsys):
+    """Issue 17, case 8: tracebacks (StopIteration, DatasetGenerationError, KeyError 'validation') or a
+    run.json left behind, before."""
+    good = (tiny_data_dir / "train.jsonl").read_text().splitlines()[0]
+    (tmp_path / "only_train").mkdir()
+    (tmp_path / "only_train" / "train.jsonl").write_text(good + "\n")
+    cases = {
+        "empty.jsonl": ("", "is empty."),
+        "semicolons.csv": ("id;dialogue;summary\n1;A: hi;A greets.\n", "looks ';'-separated"),
+        "broken.jsonl": (good + "\n{not json\n", "line 2 of"),
+        "blank.jsonl": ('{"id": "1", "dialogue": " ", "summary": "x"}\n', "every row of the train split has an empty dialogue"),
+        "no_column.jsonl": ('{"id": "1", "text": "A: hi", "summary": "x"}\n', "has no column(s) ['dialogue']"),
+        "only_train": (None, "the dataset has only a train split"),
+    }
+    for name, (text, expected) in cases.items():
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        run_dir = tmp_path / f"run-{name}"
+        code = main(["run", str(write_recipe()), "dataset.name=samsum", f"dataset.path={tmp_path / name}",
+                     "--output-dir", str(run_dir)])
+        out = capsys.readouterr().out
+        assert code == 2, (name, out)
+        error = [line for line in out.splitlines() if line.startswith("error: ")]
+        assert len(error) == 1 and expected in error[0] and "Traceback" not in out, (name, out)
+        assert not run_dir.exists(), name
+    run_dir = tmp_path / "run-misspelt"
+    assert main(["run", str(write_recipe()), "dataset.max_samples={trian: 3}", "--output-dir", str(run_dir)]) == 2
+    assert "unknown split(s) ['trian']" in capsys.readouterr().out and not run_dir.exists()

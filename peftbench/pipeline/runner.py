@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from peftbench.console import console
 from peftbench.errors import PeftbenchError
-from peftbench.files import atomic_directory, atomic_write_text, dir_size
+from peftbench.files import atomic_directory, atomic_write_text, dir_size, read_json
 from peftbench.pipeline import distributed
 from peftbench.pipeline.context import RunContext
 from peftbench.pipeline.device import resolve_policy
@@ -72,8 +72,8 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, claim: bool
                     f"--overwrite would delete '{run_dir}', which also holds files peftbench did not write: "
                     f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}.",
                     "move them out, or pass --output-dir DIR for a new run.")
-            for entry in run_dir.iterdir() if claim else ():
-                shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            if claim:
+                _remove_run_files(run_dir, keep_dir=True)  # the lock is held on the directory itself
         elif resume:
             if status == "success":
                 raise PeftbenchError(f"run '{run_dir}' already finished.", "use --overwrite to run it again, or --output-dir for a new run.")
@@ -116,6 +116,27 @@ def release_run_dir(run_dir: Path) -> None:
         os.close(fd)
 
 
+# Stages that only read the user's input: a run that fails in them never started.
+INPUT_STAGES = ("data", "model")
+
+
+def _never_started(run_dir: Path) -> bool:
+    try:
+        stages = read_json(run_dir / "run.json")["run_info"]["stages"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return set(stages) <= set(INPUT_STAGES)
+
+
+def _remove_run_files(run_dir: Path, keep_dir: bool = False) -> None:
+    """Delete what a run writes (RUN_ENTRIES) and nothing else; the directory too once it is empty."""
+    for entry in run_dir.iterdir():
+        if _is_run_entry(entry.name):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    if not keep_dir and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
 @dataclass
 class RunState:
     """One run in progress: what the stages share."""
@@ -137,12 +158,18 @@ class RunState:
 def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Run one recipe end to end; returns the run record (also written to run_dir/run.json)."""
     run_dir = Path(run_dir or default_run_dir(recipe))
+    fresh = not run_dir.exists() or not any(run_dir.iterdir())
     with ExitStack() as on_exit:
         # The process may go on (tests, comparisons): let the next run have the directory.
         on_exit.callback(release_run_dir, run_dir)
         run = start(recipe, run_dir, resume=resume, overwrite=overwrite, on_exit=on_exit)
-        load_data(run)
-        load_base_model(run)
+        try:
+            load_data(run)
+            load_base_model(run)
+        except PeftbenchError:
+            if fresh and _never_started(run_dir):
+                _remove_run_files(run_dir)  # bad data or model: nothing ran, nothing to keep
+            raise
         evaluate_baseline(run)
         apply_method(run)
         train(run)
@@ -180,6 +207,9 @@ def load_data(run: RunState) -> None:
     r, policy = run.r, run.ctx.policy
     with run.record.stage("data") as st, run.processes.main_first():
         run.data = run.recipe.dataset.load(run.recipe.dataset_options, r.seed)
+        if not {"validation", "test"} & set(run.data.splits):
+            raise PeftbenchError("the dataset has only a train split, and peftbench evaluates on a test or validation split.",
+                                 "add validation.jsonl (or test.jsonl) beside train.jsonl, in the same format.")
         split_name = r.evaluation.split if r.evaluation.split in run.data.splits else "validation"
         if split_name != r.evaluation.split:
             policy.note(f"evaluation split {r.evaluation.split} -> validation: the dataset has no {r.evaluation.split} split")
