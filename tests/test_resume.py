@@ -198,3 +198,20 @@ def test_resume_and_overwrite_together_is_a_usage_error(write_recipe, capsys):
         main(["run", str(write_recipe()), "--resume", "--overwrite"])
     assert exit_info.value.code == 2
     assert "not allowed with argument" in capsys.readouterr().err
+
+
+def test_a_read_only_output_directory_is_one_line(write_recipe, tmp_path, capsys):
+    """Issue 17, case 10: a traceback, and run.json left 'running', before."""
+    import subprocess
+
+    mount = tmp_path / "read_only"
+    mount.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "ro", "tmpfs", str(mount)], capture_output=True).returncode != 0:
+        pytest.skip("needs a read-only mount (root in a container that allows tmpfs mounts)")
+    try:
+        for target in (mount, mount / "run"):
+            assert main(["run", str(write_recipe()), "--output-dir", str(target)]) == 2
+            out = " ".join(capsys.readouterr().out.split())
+            assert ("is not writable" in out or "Read-only file system" in out) and "Traceback" not in out
+    finally:
+        subprocess.run(["umount", str(mount)], check=False)

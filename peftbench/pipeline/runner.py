@@ -57,6 +57,9 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, claim: bool
         except OSError as e:
             raise PeftbenchError(f"cannot create output directory '{run_dir}': {e.strerror}.",
                                  "pass --output-dir DIR in a place you can write to.") from None
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise PeftbenchError(f"output directory '{run_dir}' is not writable.",
+                                 "pass --output-dir DIR in a place you can write to.")
         _lock(run_dir)
     if run_dir.exists() and any(run_dir.iterdir()):
         status = recorded_status(run_dir)
