@@ -215,3 +215,43 @@ def test_a_read_only_output_directory_is_one_line(write_recipe, tmp_path, capsys
             assert ("is not writable" in out or "Read-only file system" in out) and "Traceback" not in out
     finally:
         subprocess.run(["umount", str(mount)], check=False)
+
+
+def test_resume_clears_what_a_killed_atomic_write_left(write_recipe, tmp_path):
+    """Issue 17, case 6: a kill while the adapter is written left a hidden .adapter.*.tmp for good."""
+    from peftbench.files import atomic_write_json, read_json
+
+    recipe = write_recipe({"name": "lora", "r": 2}, evaluation={"baseline": False, "max_samples": 1, "max_new_tokens": 2})
+    run_dir = tmp_path / "run"
+    assert main(["run", str(recipe), "--output-dir", str(run_dir), "trainer.max_steps=1"]) == 0
+    record = read_json(run_dir / "run.json")
+    record["run_info"]["status"] = "interrupted"  # as a kill mid-save leaves it
+    atomic_write_json(run_dir / "run.json", record)
+    (run_dir / ".adapter.abc123.tmp").mkdir()
+    (run_dir / ".adapter.abc123.tmp" / "adapter_model.safetensors").write_bytes(b"half")
+    assert main(["run", str(recipe), "--output-dir", str(run_dir), "--resume", "trainer.max_steps=1"]) == 0
+    resumed = read_json(run_dir / "run.json")
+    assert not list(run_dir.glob(".*.tmp")) and resumed["run_info"]["status"] == "success"
+    assert (run_dir / "report.md").is_file()
+    # Issue 17, case 3: resuming from the last checkpoint ran one step more than asked.
+    assert resumed["train_info"]["steps"] == 1 and [p.name for p in (run_dir / "checkpoints").iterdir()] == ["checkpoint-1"]
+    assert [m["loss"] for m in resumed["train_info"]["metrics"] if "loss" in m] == \
+        [m["loss"] for m in record["train_info"]["metrics"] if "loss" in m]
+
+
+def test_resume_with_a_changed_recipe_is_refused_in_one_line(write_recipe, tmp_path, capsys):
+    """Issue 17, case 5: a changed method.r was a traceback, a changed method mixed the two."""
+    from peftbench.files import atomic_write_json, read_json
+
+    recipe = write_recipe({"name": "lora", "r": 2}, evaluation={"baseline": False, "max_samples": 1, "max_new_tokens": 2})
+    run_dir = tmp_path / "run"
+    assert main(["run", str(recipe), "--output-dir", str(run_dir), "trainer.max_steps=1"]) == 0
+    record = read_json(run_dir / "run.json")
+    record["run_info"]["status"] = "interrupted"
+    atomic_write_json(run_dir / "run.json", record)
+    capsys.readouterr()
+    for change, shown in ((["method.r=4"], "method.r: 2 -> 4"), (["method.name=qlora"], "method.name: 'lora' -> 'qlora'")):
+        assert main(["run", str(recipe), "--output-dir", str(run_dir), "--resume", "trainer.max_steps=1", *change]) == 2
+        out = " ".join(capsys.readouterr().out.split())
+        assert "--resume with a recipe that differs from the run's" in out and shown in out, out
+    assert read_json(run_dir / "run.json") == record

@@ -66,10 +66,6 @@ class RunRecord:
             entry["seconds"] = round(time.perf_counter() - start, 2)
         self.save()
 
-    def finish(self) -> None:
-        self.data["run_info"]["status"] = "success"
-        self.save()
-
 
 def default_run_dir(source: str, output_dir: str | Path | None = None) -> Path:
     """Where a run (or a comparison) writes: ``output_dir``, else runs/<recipe file stem>."""

@@ -80,6 +80,9 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, claim: bool
         elif resume:
             if status == "success":
                 raise PeftbenchError(f"run '{run_dir}' already finished.", "use --overwrite to run it again, or --output-dir for a new run.")
+            if claim:  # what a killed atomic write left behind (.adapter.XXXX.tmp, .run.json.XXXX.tmp)
+                for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.old")]:
+                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
         else:
             what = "holds a finished run" if status == "success" else f"holds an unfinished run ({status})"
             raise PeftbenchError(
@@ -88,6 +91,27 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, claim: bool
             )
     if claim:
         run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def require_same_recipe(run_dir: Path, resolved: dict) -> None:
+    """--resume continues the run that is there: the same recipe, value for value."""
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        return  # killed before the recipe was written: nothing was trained yet
+    before = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    now = _flatten(resolved)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise PeftbenchError(
+            f"--resume with a recipe that differs from the run's ({shown}{' ...' if len(changed) > 4 else ''}).",
+            "resume with the same recipe and overrides, or start a new run (--output-dir DIR, or --overwrite).")
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
 
 
 def _is_run_entry(name: str) -> bool:
@@ -192,6 +216,8 @@ def start(recipe: ResolvedRecipe, run_dir: Path, *, resume: bool, overwrite: boo
     # Under `accelerate launch` every process trains; only the main one touches the run directory.
     processes = distributed.start(policy.device)
     processes.on_main(prepare_run_dir, run_dir, resume=resume, overwrite=overwrite)
+    if resume:
+        processes.on_main(require_same_recipe, run_dir, recipe.resolved_dict())
     record = RunRecord(recipe.resolved_dict(), run_dir, writes=processes.is_main)
     record.save()  # run.json from the first moment: it marks the directory as a peftbench run
     if processes.is_main:
@@ -320,8 +346,10 @@ def export(run: RunState) -> None:
 
 
 def finish(run: RunState) -> None:
-    run.record.finish()
+    run.record.data["run_info"]["status"] = "success"
+    # report.md before run.json says success: a kill in between leaves a run that --resume finishes.
     atomic_write_text(run.ctx.run_dir / "report.md", render_run_report(run.record.data))
+    run.record.save()
     print_run_summary(run.record.data, run.ctx.run_dir)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -158,8 +159,16 @@ class HfTrainer(TrainerPlugin):
         reset_peak_memory(policy.device)
         start = time.perf_counter()
         checkpoint = _last_checkpoint(args.output_dir) if ctx.resume else None
-        with packed_attention(model, plan.varlen_attention):
-            trainer.train(resume_from_checkpoint=checkpoint)
+        if checkpoint and _finished(checkpoint):
+            # transformers (5.17-5.23) resumed from the last checkpoint of a finished schedule runs one
+            # optimiser step more than asked. Nothing is left to train: take the checkpoint as it is.
+            from transformers import TrainerState
+
+            trainer._load_from_checkpoint(checkpoint)  # the weights, in the Trainer's own format for this model
+            trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+        else:
+            with packed_attention(model, plan.varlen_attention):
+                trainer.train(resume_from_checkpoint=checkpoint)
         seconds = time.perf_counter() - start
         _raise_if_diverged(trainer.state.log_history)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -254,6 +263,14 @@ def learning_guard(model):
                     "exactly as they started.", NOT_LEARNING_FIX + "; a learning rate of 0 or a frozen optimiser does this too")
 
     return _LearningGuard()
+
+
+def _finished(checkpoint: str) -> bool:
+    """Whether the checkpoint was written at the last step of its schedule."""
+    import json
+
+    state = json.loads((Path(checkpoint) / "trainer_state.json").read_text(encoding="utf-8"))
+    return bool(state.get("max_steps")) and state.get("global_step", 0) >= state["max_steps"]
 
 
 def _last_checkpoint(output_dir: str) -> str | None:
