@@ -1,5 +1,5 @@
 """Evaluation speed: summarising dialogues one at a time (the lesson's way) against peftbench's
-batched path (peftbench.evaluation.generate_summaries), same model, greedy decoding, 64 new tokens.
+batched path (peftbench.pipeline.evaluation.generate_summaries), same model, greedy decoding, 64 new tokens.
 
   python benchmarks/bench_eval.py --device cuda --data .cache/bench/samsum/eval.jsonl \\
       --tokenizer .cache/bench/tokenizer --out benchmarks/results/bench_eval.json
@@ -60,7 +60,7 @@ def load_dialogues(path: str, n: int) -> list[str]:
 @torch.no_grad()
 def summarise_one_at_a_time(model, tokenizer, prompt, dialogues, max_new_tokens) -> list[str]:
     """The lesson's loop: one prompt, one generate call, one decode."""
-    from peftbench.chat import encode_prompt, stop_token_ids
+    from peftbench.pipeline.chat import encode_prompt, stop_token_ids
 
     device = next(model.parameters()).device
     out = []
@@ -84,8 +84,8 @@ def timed(fn, device):
 def main(argv=None) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peftbench.evaluation import generate_summaries
-    from peftbench.recipe import EvaluationSection, PromptSection
+    from peftbench.pipeline.evaluation import generate_summaries
+    from peftbench.pipeline.recipe import EvaluationSection, PromptSection
 
     args = parse_args(argv)
     device = "cpu" if args.small else args.device
@@ -137,7 +137,7 @@ def main(argv=None) -> dict:
     if args.check_model:
         from transformers import AutoModelForCausalLM
 
-        from peftbench.modeling import load_tokenizer as load_model_tokenizer, resolve_model_source
+        from peftbench.pipeline.modeling import load_tokenizer as load_model_tokenizer, resolve_model_source
 
         source = resolve_model_source(args.check_model)
         del model

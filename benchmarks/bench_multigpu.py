@@ -41,19 +41,8 @@ NCCL_SAFETY = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
 
 def python_env(out: Path) -> dict[str, str]:
     """The environment every run gets: peftbench importable from this checkout, NCCL kept safe."""
-    import importlib.util
-
     env = {**os.environ, **NCCL_SAFETY, "PYTHONUNBUFFERED": "1"}
-    paths = [str(REPO)]
-    if importlib.util.find_spec("peftbench_plugins") is None:
-        # pyproject maps the import name peftbench_plugins onto plugins/; without an install (no
-        # network, maybe no setuptools on the GPU machine) a symlink does the same.
-        shim = out / ".import-shim"
-        shim.mkdir(parents=True, exist_ok=True)
-        link = shim / "peftbench_plugins"
-        if not link.exists():
-            link.symlink_to(REPO / "plugins", target_is_directory=True)
-        paths.insert(0, str(shim))
+    paths = [str(REPO)]  # peftbench and peftbench_plugins are both folders of the checkout
     env["PYTHONPATH"] = os.pathsep.join(paths + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
@@ -142,7 +131,7 @@ def main() -> int:
         print(f"warning: {gpus} GPU(s) visible: the runs go to {'the CPU' if gpus == 0 else 'too few GPUs'} "
               "and check the plumbing only; their figures mean nothing", flush=True)
     if args.random_1b:  # kept beside peftbench's dequantised GGUFs, not under --out, which may be copied back
-        from peftbench.modeling import cache_root
+        from peftbench.pipeline.modeling import cache_root
 
         model = str(build_random_1b(args.gguf.resolve(), cache_root() / "models" / "random-llama-3.2-1b-shape"))
     else:

@@ -75,7 +75,7 @@ def load_tokenizer(path: str | None):
     from transformers import AutoTokenizer
 
     if path is None:
-        from peftbench.modeling import resolve_package_file
+        from peftbench.pipeline.modeling import resolve_package_file
         from peftbench.testing import OFFLINE_GGUF
 
         gguf = resolve_package_file(OFFLINE_GGUF)
@@ -91,8 +91,8 @@ def load_examples(path: str, tokenizer, n: int):
     """The first ``n`` dialogues (empty ones skipped) through the chat template, 448 + 64 tokens."""
     from datasets import Dataset
 
-    from peftbench.chat import encode_example
-    from peftbench.recipe import PromptSection
+    from peftbench.pipeline.chat import encode_example
+    from peftbench.pipeline.recipe import PromptSection
 
     prompt = PromptSection(max_source_tokens=448, max_target_tokens=64)
     rows = []
@@ -128,7 +128,7 @@ def build_random_model(directory: Path, shape: dict, tokenizer, device: str) -> 
 def real_model(source: str, tokenizer_path) -> tuple[str, int]:
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from peftbench.modeling import resolve_model_source
+    from peftbench.pipeline.modeling import resolve_model_source
 
     directory = resolve_model_source(source)
     with torch.device("meta"):
@@ -276,11 +276,11 @@ def run_baseline(model_dir, tokenizer, dataset, steps, device, seed, callbacks):
 def run_peftbench(kind, model_dir, tokenizer, dataset, steps, device, seed, callbacks, **trainer_overrides):
     """peftbench's method plugin and hf trainer plugin, at their defaults (the qlora_samsum recipe's
     method settings: r8, alpha 16, q/v, dropout 0.05; batch 4 x grad-accum 4, paged 8-bit AdamW)."""
-    from peftbench.device import resolve_policy
-    from peftbench.modeling import load_model
-    from peftbench_plugins.method_lora import Lora
-    from peftbench_plugins.method_qlora import Qlora
-    from peftbench_plugins.trainer_hf import HfTrainer, HfTrainerOptions
+    from peftbench.pipeline.device import resolve_policy
+    from peftbench.pipeline.modeling import load_model
+    from peftbench_plugins.methods.lora import Lora
+    from peftbench_plugins.methods.qlora import Qlora
+    from peftbench_plugins.trainers.hf import HfTrainer, HfTrainerOptions
 
     policy = resolve_policy("auto")
     method = Qlora() if kind == "qlora" else Lora()
@@ -324,7 +324,7 @@ def packing_self_check(model_dir, tokenizer, dataset, device) -> dict:
     label-only loss (with the varlen kernel where there is one): the same function, up to rounding."""
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
-    from peftbench.speed import StepCollator, label_token_loss, packed_attention, varlen_attention_available
+    from peftbench_plugins.trainers.packing import StepCollator, label_token_loss, packed_attention, varlen_attention_available
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device)

@@ -15,7 +15,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from peftbench.speed import _varlen_kernel, varlen_attention_available, varlen_attention_forward  # noqa: E402
+from peftbench_plugins.trainers.packing import _varlen_kernel, varlen_attention_available, varlen_attention_forward  # noqa: E402
 
 
 def reference(q, k, v, lengths):

@@ -12,10 +12,10 @@ import sys
 import torch
 from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq
 
-from peftbench.chat import encode_example
-from peftbench.modeling import load_tokenizer, resolve_model_source
-from peftbench.recipe import PromptSection
-from peftbench_plugins.method_prefix_tuning import PrefixTuning, PrefixTuningOptions
+from peftbench.pipeline.chat import encode_example
+from peftbench.pipeline.modeling import load_tokenizer, resolve_model_source
+from peftbench.pipeline.recipe import PromptSection
+from peftbench_plugins.methods.prefix_tuning import PrefixTuning, PrefixTuningOptions
 
 source = resolve_model_source(sys.argv[1])
 rows = [json.loads(line) for line in open(sys.argv[2])][:8]

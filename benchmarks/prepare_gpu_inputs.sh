@@ -16,7 +16,7 @@ tail -n 819 "$samsum/train.jsonl" > .cache/bench/samsum/eval.jsonl
 python3 - <<'EOF'
 from transformers import AutoTokenizer
 
-from peftbench.modeling import resolve_package_file
+from peftbench.pipeline.modeling import resolve_package_file
 from peftbench.testing import OFFLINE_GGUF
 
 gguf = resolve_package_file(OFFLINE_GGUF)

@@ -21,10 +21,10 @@ EXIT_USAGE = 2
 
 
 def _cmd_run(args) -> int:
-    from peftbench.comparison import is_comparison_file
-    from peftbench.distributed import launch, launched_processes
-    from peftbench.recipe import load_recipe
-    from peftbench.runner import default_run_dir, prepare_run_dir, run_recipe
+    from peftbench.compare.plan import is_comparison_file
+    from peftbench.pipeline.distributed import launch, launched_processes
+    from peftbench.pipeline.recipe import load_recipe
+    from peftbench.pipeline.runner import default_run_dir, prepare_run_dir, run_recipe
 
     if is_comparison_file(args.recipe):
         return _run_comparison(args)
@@ -49,7 +49,8 @@ def _run_comparison(args) -> int:
     """A comparison recipe: every expanded run validated first, each run in its own process, then the report."""
     import shlex
 
-    from peftbench.comparison import load_comparison, run_comparison
+    from peftbench.compare.plan import load_comparison
+    from peftbench.compare.run import run_comparison
 
     comparison = load_comparison(args.recipe, args.overrides, output_dir=args.output_dir)
     command = shlex.join(["peftbench", "run", args.recipe, *args.overrides]
@@ -62,7 +63,7 @@ def _run_comparison(args) -> int:
 def _cmd_report(args) -> int:
     import shlex
 
-    from peftbench.compare import write_report
+    from peftbench.compare.report import write_report
 
     command = shlex.join(["peftbench", "report", *args.runs, "-o", args.output])
     path = write_report(args.runs, args.output, command=command)
@@ -97,8 +98,8 @@ def _cmd_doctor(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from peftbench.comparison import is_comparison_file, load_comparison
-    from peftbench.recipe import load_recipe
+    from peftbench.compare.plan import is_comparison_file, load_comparison
+    from peftbench.pipeline.recipe import load_recipe
 
     if is_comparison_file(args.recipe):
         comparison = load_comparison(args.recipe, args.overrides)
@@ -114,7 +115,7 @@ def _cmd_validate(args) -> int:
 def _cmd_plugins(args) -> int:
     from rich.table import Table
 
-    from peftbench.plugins import get_host
+    from peftbench.host import get_host
 
     host = get_host()
     table = Table(title="peftbench plugins")
@@ -150,7 +151,7 @@ def _plugin_version(module_name: str) -> str:
 def _cmd_methods(args) -> int:
     from rich.table import Table
 
-    from peftbench.plugins import get_host
+    from peftbench.host import get_host
 
     host = get_host()
     for name, method in host.methods.items():
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return EXIT_USAGE
     from peftbench.library_output import send_library_output_to_log
-    from peftbench.modeling import cache_root
+    from peftbench.pipeline.modeling import cache_root
 
     send_library_output_to_log(cache_root() / "peftbench.log")
     try:

@@ -182,9 +182,9 @@ def one_4bit_training_step(directory: Path) -> tuple[float, bool]:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from peftbench.device import resolve_policy
-    from peftbench.modeling import load_model
-    from peftbench_plugins.method_qlora import Qlora, QloraOptions
+    from peftbench.pipeline.device import resolve_policy
+    from peftbench.pipeline.modeling import load_model
+    from peftbench.host import get_host
 
     from transformers.utils import logging as hf_logging
 
@@ -196,7 +196,8 @@ def one_4bit_training_step(directory: Path) -> tuple[float, bool]:
                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
         LlamaForCausalLM(config).save_pretrained(directory, safe_serialization=True)
         policy = resolve_policy()
-        method, options = Qlora(), QloraOptions(r=4, target_modules=["q_proj", "v_proj"], compute_dtype="auto")
+        method = get_host().methods.get("qlora")
+        options = method.Options(r=4, target_modules=["q_proj", "v_proj"], compute_dtype="auto")
         base = load_model(str(directory), policy, quantization_config=method.quantization_config(options, policy))
         model = method.apply(base, options, ctx=None)
         device = next(model.parameters()).device
@@ -224,7 +225,7 @@ def check_llama_generation() -> list[Check]:
     build that crashes on this CPU (its AMX/AVX-512 weight repacking did) shows here as FAIL."""
     from peftbench.errors import PeftbenchError
     from peftbench.isolation import NativeCrash, run_isolated
-    from peftbench.modeling import OFFLINE_MODEL, resolve_package_file
+    from peftbench.pipeline.modeling import OFFLINE_MODEL, resolve_package_file
     from peftbench.smoke import LLAMA_CRASH_FIX, generate_text, use_extra_buffers
 
     try:
@@ -271,7 +272,7 @@ def check_llama_cpp() -> list[Check]:
 
 def check_offline_model() -> list[Check]:
     from peftbench.errors import PeftbenchError
-    from peftbench.modeling import OFFLINE_MODEL, resolve_package_file
+    from peftbench.pipeline.modeling import OFFLINE_MODEL, resolve_package_file
 
     try:
         path = resolve_package_file(OFFLINE_MODEL)
@@ -281,8 +282,9 @@ def check_offline_model() -> list[Check]:
 
 
 def check_disk() -> list[Check]:
-    from peftbench.modeling import cache_root
-    from peftbench.resources import free_bytes, human_bytes
+    from peftbench.pipeline.modeling import cache_root
+    from peftbench.files import human_bytes
+    from peftbench.pipeline.resources import free_bytes
 
     out = []
     for label, where in (("disk (runs)", Path.cwd()), ("disk (cache)", cache_root())):

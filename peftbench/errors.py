@@ -1,5 +1,13 @@
 """The one error type users see: a problem and its fix, printed as one line by the CLI."""
 
+import difflib
+
+
+def did_you_mean(name: str, choices) -> str:
+    """`` Did you mean 'x'?`` for the closest of ``choices``, or an empty string."""
+    close = difflib.get_close_matches(name, list(choices), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
+
 
 class PeftbenchError(Exception):
     """A problem the user can fix. The CLI prints it without a traceback and exits with code 2."""

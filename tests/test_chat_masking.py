@@ -1,7 +1,7 @@
 """Assistant-only loss masking: the only tokens that carry a label are the summary and the end-of-turn token."""
 
-from peftbench.chat import IGNORE_INDEX, encode_example, encode_prompt, end_of_turn
-from peftbench.recipe import PromptSection
+from peftbench.pipeline.chat import IGNORE_INDEX, encode_example, encode_prompt, end_of_turn
+from peftbench.pipeline.recipe import PromptSection
 
 DIALOGUE = "Anna: are we still on for 7?\nTom: yes, at the Italian place\nAnna: great, c u there"
 SUMMARY = "Anna and Tom will meet at the Italian place at 7."

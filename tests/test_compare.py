@@ -7,13 +7,14 @@ import pytest
 import yaml
 
 from peftbench.cli import main
-from peftbench.compare import Run, load_runs, pareto_front, render_markdown, write_report
-from peftbench.comparison import load_comparison
-from peftbench.components import Capabilities, ExporterPlugin, ExportResult, MethodPlugin
+from peftbench.compare.report import Run, load_runs, pareto_front, render_markdown, write_report
+from peftbench.compare.plan import load_comparison
+from peftbench.api import Capabilities, ExporterPlugin, ExportResult, MethodPlugin
 from peftbench.errors import PeftbenchError
-from peftbench.hookspecs import hookimpl
-from peftbench.plugins import registered
-from peftbench.records import atomic_write_json, new_record, read_json
+from peftbench.api import hookimpl
+from peftbench.host import registered
+from peftbench.files import atomic_write_json, read_json
+from peftbench.pipeline.record import new_record
 from peftbench.testing import tiny_recipe
 
 # --- expansion and validation --------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """The conformance suite (peftbench.testing.MethodConformance) for every built-in method and for
-the example external plugin in plugins/peftbench-layernorm."""
+the example external plugin in examples/peftbench-layernorm."""
 
 from peftbench.testing import MethodConformance
 
@@ -30,11 +30,11 @@ class TestBitFit(MethodConformance):
 
 def _example_plugin():
     """The example external plugin, imported from its folder: registered for the tests below without
-    `pip install` (peftbench.plugins.registered), as a plugin author's own tests can do."""
+    `pip install` (peftbench.host.registered), as a plugin author's own tests can do."""
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).parents[1] / "plugins" / "peftbench-layernorm" / "peftbench_layernorm.py"
+    path = Path(__file__).parents[1] / "examples" / "peftbench-layernorm" / "peftbench_layernorm.py"
     spec = importlib.util.spec_from_file_location("peftbench_layernorm", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from peftbench.cli import main
-from peftbench.records import read_json
+from peftbench.files import read_json
 from peftbench.testing import read_jsonl, tiny_recipe
 
 GLOBAL_BATCH = 8

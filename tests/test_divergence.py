@@ -3,7 +3,7 @@
 import pytest
 
 from peftbench.errors import PeftbenchError
-from peftbench_plugins.trainer_hf import _raise_if_diverged
+from peftbench_plugins.trainers.hf import _raise_if_diverged
 
 
 def test_finite_history_passes():

@@ -1,7 +1,7 @@
 """What broke on CPUs with AVX-512 BF16 and AMX, made testable on any CPU.
 
 1. bitsandbytes 0.50 repacks 4-bit weights for fast CPU inference during an evaluation and never
-   unpacks them, so training after the baseline evaluation had zero gradients (peftbench.bnb_cpu).
+   unpacks them, so training after the baseline evaluation had zero gradients (peftbench.pipeline.bnb_cpu).
 2. A run that trains nothing must fail loudly instead of reporting the base model as "fine-tuned".
 3. llama.cpp crashed (SIGSEGV) in its CPU weight repacking: llama.cpp now runs in a child process,
    where a crash is one failed check (peftbench.isolation).
@@ -18,7 +18,7 @@ import torch
 from peftbench.cli import main
 from peftbench.errors import PeftbenchError
 from peftbench.isolation import NativeCrash, run_isolated
-from peftbench.records import read_json
+from peftbench.files import read_json
 
 # --- 1. 4-bit weights packed by an evaluation are trainable again --------------------------------
 
@@ -29,7 +29,7 @@ def test_a_4bit_layer_packed_for_inference_is_restored_exactly_before_training()
     import bitsandbytes as bnb
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
-    from peftbench.bnb_cpu import guard_4bit_layers
+    from peftbench.pipeline.bnb_cpu import guard_4bit_layers
 
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
@@ -84,7 +84,7 @@ def test_qlora_run_learns_after_its_baseline_evaluation(tmp_path, write_recipe):
 
 def test_a_run_whose_gradients_are_zero_stops_with_one_line_and_a_failed_record(tmp_path, write_recipe, monkeypatch,
                                                                                 capsys):
-    from peftbench_plugins.method_lora import Lora
+    from peftbench_plugins.methods.lora import Lora
 
     apply = Lora.apply
 
@@ -111,7 +111,7 @@ def test_a_run_whose_gradients_are_zero_stops_with_one_line_and_a_failed_record(
 
 
 def test_unchanged_parameters_after_training_are_an_error():
-    from peftbench_plugins.trainer_hf import TrainingNotLearning, learning_guard
+    from peftbench_plugins.trainers.hf import TrainingNotLearning, learning_guard
 
     model = torch.nn.Linear(4, 4)
     guard = learning_guard(model)
@@ -171,7 +171,7 @@ def crashing_answers(gguf, examples, prompt, max_new_tokens, progress=None):
 
 def test_a_llama_cpp_crash_in_the_smoke_test_is_a_failed_check(tmp_path, monkeypatch):
     """The exporters' smoke test: a crash is a problem line, and the caller (the run) goes on."""
-    from peftbench.recipe import PromptSection
+    from peftbench.pipeline.recipe import PromptSection
     from peftbench.smoke import smoke_test
 
     gguf = tmp_path / "model.gguf"
@@ -230,7 +230,7 @@ def test_doctor_fails_without_the_guard_on_a_cpu_that_packs_4bit_weights(monkeyp
 
     if not has_avx512bf16():
         pytest.skip("bitsandbytes packs 4-bit weights only on CPUs with AVX-512 BF16")
-    monkeypatch.setattr("peftbench.bnb_cpu.guard_4bit_layers", lambda model: 0)
+    monkeypatch.setattr("peftbench.pipeline.bnb_cpu.guard_4bit_layers", lambda model: 0)
     [check] = doctor.check_4bit_training()
     assert check.status == "FAIL" and "gradient norm 0" in check.detail
 

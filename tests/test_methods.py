@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from peftbench.context import RunContext
-from peftbench.device import resolve_policy
+from peftbench.pipeline.context import RunContext
+from peftbench.pipeline.device import resolve_policy
 from peftbench.errors import PeftbenchError
-from peftbench.recipe import PromptSection, validate_recipe
-from peftbench.targets import module_matches
+from peftbench.pipeline.recipe import PromptSection, validate_recipe
+from peftbench.pipeline.targets import module_matches
 from peftbench.testing import tiny_recipe
 
 METHODS = ("lora", "qlora", "prefix_tuning", "ia3", "bitfit")
@@ -149,8 +149,8 @@ def _untied_copy(model_dir: Path, target: Path) -> Path:
 
 def test_prefix_tuning_batched_left_padded_generation_matches_one_by_one(tmp_path, tiny_model_dir, tiny_data_dir):
     """Evaluation pads a batch on the left; a prefix must see the same prompt either way."""
-    from peftbench.evaluation import generate_summaries
-    from peftbench.modeling import load_tokenizer
+    from peftbench.pipeline.evaluation import generate_summaries
+    from peftbench.pipeline.modeling import load_tokenizer
 
     model_dir = _untied_copy(tiny_model_dir, tmp_path / "model")
     ctx = _context(model_dir, tiny_data_dir, {"name": "prefix_tuning", "num_virtual_tokens": 8}, tmp_path / "run")
@@ -172,8 +172,8 @@ def test_prefix_tuning_batched_left_padded_generation_matches_one_by_one(tmp_pat
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prefix_initialised_from_text_acts_as_that_text_before_the_prompt(family, family_dirs, tiny_data_dir, tmp_path):
-    from peftbench.modeling import load_tokenizer
-    from peftbench_plugins.method_prefix_tuning import prefix_token_ids
+    from peftbench.pipeline.modeling import load_tokenizer
+    from peftbench_plugins.methods.prefix_tuning import prefix_token_ids
 
     text, length = "Summarize the dialogue.", 7
     method = {"name": "prefix_tuning", "num_virtual_tokens": length, "init_text": text}
@@ -200,7 +200,7 @@ def test_prefix_tuning_rejects_init_text_with_projection(tiny_model_dir, tiny_da
 
 
 def test_exporters_that_need_merged_weights_refuse_prefix_tuning_before_anything_runs(tiny_model_dir, tiny_data_dir):
-    from peftbench.plugins import get_host
+    from peftbench.host import get_host
 
     needs_merge = [name for name, e in get_host().exporters.items() if "mergeable" in e.requires]
     assert needs_merge, "expected at least one exporter that needs a merged model"
@@ -269,7 +269,7 @@ def test_bitfit_merged_model_is_a_standard_transformers_checkpoint(tiny_model_di
 
     ctx = _context(tiny_model_dir, tiny_data_dir, {"name": "bitfit"}, tmp_path)
     model = _train_biases(_apply(ctx))
-    merged = ctx.recipe.method.merge(model, ctx)
+    merged = ctx.recipe.method.merge(model, ctx.recipe.method_options, ctx)
     merged.save_pretrained(tmp_path / "merged")
     config = json.loads((tmp_path / "merged" / "config.json").read_text())
     assert config["attention_bias"] is True and config["mlp_bias"] is True
@@ -293,7 +293,7 @@ def test_bitfit_merged_model_runs_in_llama_cpp(tiny_model_dir, tiny_data_dir, tm
     from llama_cpp import Llama
 
     ctx = _context(tiny_model_dir, tiny_data_dir, {"name": "bitfit"}, tmp_path)
-    merged = ctx.recipe.method.merge(_train_biases(_apply(ctx)), ctx)
+    merged = ctx.recipe.method.merge(_train_biases(_apply(ctx)), ctx.recipe.method_options, ctx)
     merged.save_pretrained(tmp_path / "merged")
     _copy_tokenizer(tiny_model_dir, tmp_path / "merged")
     gguf = tmp_path / "merged.gguf"
@@ -335,7 +335,7 @@ def test_ia3_on_a_4bit_base_merges_into_full_precision_weights(tiny_model_dir, t
             if p.requires_grad:
                 p.uniform_(0.5, 1.5)
     ctx.recipe.method.save(model, ctx.adapter_dir)
-    merged = ctx.recipe.method.merge(model, ctx)
+    merged = ctx.recipe.method.merge(model, ctx.recipe.method_options, ctx)
     assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
     assert all(p.dtype == torch.float32 for p in merged.parameters())
     reference = ctx.recipe.method.load(ctx.load_base_model(quantized=False), ctx.adapter_dir, ctx.recipe.method_options)
@@ -357,7 +357,7 @@ def test_runs_end_to_end_through_the_cli(method_name, tmp_path, write_recipe):
     """The runner saves, evaluates and records a method through its plugin interface alone
     (bitfit has no peft model; prefix tuning generates through its prefix)."""
     from peftbench.cli import main
-    from peftbench.records import read_json
+    from peftbench.files import read_json
 
     run_dir = tmp_path / "run"
     recipe = write_recipe({"name": method_name}, evaluation={"max_samples": 2})
@@ -377,7 +377,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize("path", sorted((ROOT / "recipes" / "methods").glob("*_quickstart.yaml")), ids=lambda p: p.stem)
 def test_method_quickstarts_differ_from_the_quickstart_only_in_method_and_learning_rate(path):
     """So their before/after ROUGE compares with the QLoRA quickstart's."""
-    from peftbench.recipe import read_recipe_file
+    from peftbench.pipeline.recipe import read_recipe_file
 
     quickstart, recipe = read_recipe_file(ROOT / "recipes" / "quickstart.yaml"), read_recipe_file(path)
     assert recipe["method"]["name"] == path.stem.removesuffix("_quickstart")

@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from peftbench.cli import main
-from peftbench.records import read_json
+from peftbench.files import read_json
 from peftbench.testing import read_jsonl
 
 

@@ -3,10 +3,10 @@
 import pytest
 
 from peftbench.cli import main
-from peftbench.components import DatasetPlugin, LoadedDataset, MethodPlugin, Options
-from peftbench.hookspecs import hookimpl
-from peftbench.plugins import get_host, registered
-from peftbench.recipe import validate_recipe
+from peftbench.api import DatasetPlugin, LoadedDataset, MethodPlugin, Options
+from peftbench.api import hookimpl
+from peftbench.host import get_host, registered
+from peftbench.pipeline.recipe import validate_recipe
 from peftbench.testing import tiny_recipe
 
 
@@ -38,7 +38,7 @@ def test_registered_plugin_is_listed_and_then_gone(capsys):
 
 
 def test_registered_dataset_runs_in_a_recipe(tmp_path, tiny_model_dir, tiny_data_dir):
-    from peftbench.runner import run_recipe
+    from peftbench.pipeline.runner import run_recipe
 
     raw = tiny_recipe(tiny_model_dir, tiny_data_dir, {"name": "lora", "r": 2})
     raw["dataset"] = {"name": "reversed_chatsum"}
@@ -75,11 +75,11 @@ def test_hook_without_spec_is_rejected():
 
 
 def test_every_hook_is_documented():
-    from peftbench import hookspecs
+    from peftbench import api
 
-    for name in dir(hookspecs):
+    for name in dir(api):
         if name.startswith("peftbench_"):
-            assert getattr(hookspecs, name).__doc__, f"{name} has no docstring"
+            assert getattr(api, name).__doc__, f"{name} has no docstring"
 
 
 def test_every_builtin_option_has_help_text():

@@ -6,7 +6,7 @@ import pytest
 
 from peftbench.cli import main
 from peftbench.errors import PeftbenchError
-from peftbench.recipe import apply_overrides, load_recipe, read_recipe_file, validate_recipe
+from peftbench.pipeline.recipe import apply_overrides, load_recipe, read_recipe_file, validate_recipe
 
 RECIPES = sorted(p for p in (Path(__file__).parent.parent / "recipes").rglob("*.yaml"))
 

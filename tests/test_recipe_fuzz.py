@@ -18,8 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from peftbench.cli import main
-from peftbench.plugins import get_host
-from peftbench.recipe import EvaluationSection, ModelSection, PromptSection, Recipe
+from peftbench.host import get_host
+from peftbench.pipeline.recipe import EvaluationSection, ModelSection, PromptSection, Recipe
 
 # A valid recipe whose model is a hub id: validation accepts it without the network or a model file.
 BASE = {

@@ -29,7 +29,7 @@ def test_a_yaml_alias_bomb_is_refused_quickly_in_one_line(tmp_path, capsys):
 
 
 def test_small_aliases_still_load():
-    from peftbench.recipe import load_yaml
+    from peftbench.pipeline.recipe import load_yaml
 
     text = "method: {name: lora, target_modules: &m [q_proj, v_proj]}\ntrainer: {name: hf, note: *m}\n"
     assert load_yaml(text, what="recipe") == {"method": {"name": "lora", "target_modules": ["q_proj", "v_proj"]},

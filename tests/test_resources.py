@@ -8,11 +8,11 @@ from collections import namedtuple
 import pytest
 import torch
 
-from peftbench import resources
+from peftbench.pipeline import resources
 from peftbench.cli import main
 from peftbench.errors import PeftbenchError
-from peftbench.recipe import load_recipe
-from peftbench.records import read_json
+from peftbench.pipeline.recipe import load_recipe
+from peftbench.files import read_json
 
 QUICK = {"evaluation": {"baseline": False, "max_samples": 1, "max_new_tokens": 2}}
 DiskUsage = namedtuple("DiskUsage", "total used free")

@@ -11,12 +11,12 @@ import pytest
 import yaml
 
 from peftbench.cli import main
-from peftbench.components import ExporterPlugin, ExportResult, TrainerPlugin
-from peftbench.hookspecs import hookimpl
-from peftbench.plugins import registered
-from peftbench.records import atomic_directory, atomic_write_text, read_json
+from peftbench.api import ExporterPlugin, ExportResult, TrainerPlugin
+from peftbench.api import hookimpl
+from peftbench.host import registered
+from peftbench.files import atomic_directory, atomic_write_text, read_json
 from peftbench.testing import tiny_recipe
-from peftbench_plugins.method_lora import Lora
+from peftbench_plugins.methods.lora import Lora
 
 QUICK = {"evaluation": {"baseline": False, "max_samples": 1, "max_new_tokens": 2}}
 

@@ -15,7 +15,7 @@ import torch
 import yaml
 
 from peftbench.cli import main
-from peftbench.records import read_json
+from peftbench.files import read_json
 from peftbench.testing import tiny_recipe
 
 # Four optimiser steps, a checkpoint every two: the kill lands after checkpoint-2, the resume does 3-4.
@@ -219,7 +219,7 @@ def test_a_read_only_output_directory_is_one_line(write_recipe, tmp_path, capsys
 
 def test_resume_clears_what_a_killed_atomic_write_left(write_recipe, tmp_path):
     """Issue 17, case 6: a kill while the adapter is written left a hidden .adapter.*.tmp for good."""
-    from peftbench.records import atomic_write_json, read_json
+    from peftbench.files import atomic_write_json, read_json
 
     recipe = write_recipe({"name": "lora", "r": 2}, evaluation={"baseline": False, "max_samples": 1, "max_new_tokens": 2})
     run_dir = tmp_path / "run"
@@ -241,7 +241,7 @@ def test_resume_clears_what_a_killed_atomic_write_left(write_recipe, tmp_path):
 
 def test_resume_with_a_changed_recipe_is_refused_in_one_line(write_recipe, tmp_path, capsys):
     """Issue 17, case 5: a changed method.r was a traceback, a changed method mixed the two."""
-    from peftbench.records import atomic_write_json, read_json
+    from peftbench.files import atomic_write_json, read_json
 
     recipe = write_recipe({"name": "lora", "r": 2}, evaluation={"baseline": False, "max_samples": 1, "max_new_tokens": 2})
     run_dir = tmp_path / "run"

@@ -1,6 +1,6 @@
 from rouge_score import rouge_scorer
 
-from peftbench.evaluation import ROUGE_TYPES, rouge
+from peftbench.pipeline.evaluation import ROUGE_TYPES, rouge
 
 PREDICTIONS = ["Anna will meet Tom at the station at 6 pm.", "The cats were sleeping.", "Ben lost his keys again"]
 REFERENCES = ["Tom will pick Anna up from the station at 6.", "The cat is sleeping on the sofa.", "Ben has lost his keys."]

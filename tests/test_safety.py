@@ -11,10 +11,10 @@ import pytest
 import yaml
 
 from peftbench.cli import main
-from peftbench.components import MethodPlugin
+from peftbench.api import MethodPlugin
 from peftbench.errors import PeftbenchError
-from peftbench.hookspecs import hookimpl
-from peftbench.plugins import ENTRY_POINT_GROUP, Host, make_plugin_manager
+from peftbench.api import hookimpl
+from peftbench.host import ENTRY_POINT_GROUP, Host, make_plugin_manager
 
 PROBE = "peftbench_import_probe"
 
@@ -74,7 +74,7 @@ def test_remote_code_stays_off_and_weights_come_from_safetensors(write_recipe, t
     assert all(kwargs.get("trust_remote_code", False) is False for _, kwargs in calls), calls
     assert all(kwargs["use_safetensors"] is True for name, kwargs in calls if name == "AutoModelForCausalLM")
 
-    from peftbench.recipe import load_recipe
+    from peftbench.pipeline.recipe import load_recipe
 
     assert load_recipe(recipe).recipe.model.trust_remote_code is False
     assert load_recipe(recipe, ["model.trust_remote_code=true"]).recipe.model.trust_remote_code is True
@@ -104,8 +104,8 @@ def test_a_recipe_file_cannot_turn_remote_code_on(write_recipe, tmp_path, capsys
 
 
 def test_pickled_weights_are_refused(tiny_model_dir, tmp_path):
-    from peftbench.device import resolve_policy
-    from peftbench.modeling import load_model
+    from peftbench.pipeline.device import resolve_policy
+    from peftbench.pipeline.modeling import load_model
 
     pickled = tmp_path / "pickled-model"
     shutil.copytree(tiny_model_dir, pickled, ignore=shutil.ignore_patterns("*.safetensors*"))

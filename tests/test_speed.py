@@ -1,4 +1,4 @@
-"""peftbench.speed: packing, token-budget passes and the label-only loss compute the same function
+"""peftbench_plugins.trainers.packing: packing, token-budget passes and the label-only loss compute the same function
 as padded batches with transformers' own loss, values and gradients alike."""
 
 from __future__ import annotations
@@ -8,9 +8,9 @@ import json
 import pytest
 import torch
 
-from peftbench.chat import IGNORE_INDEX, encode_example
-from peftbench.recipe import PromptSection
-from peftbench.speed import (StepCollator, activation_bytes, checkpointing_needed, label_token_loss, packed_attention,
+from peftbench.pipeline.chat import IGNORE_INDEX, encode_example
+from peftbench.pipeline.recipe import PromptSection
+from peftbench_plugins.trainers.packing import (StepCollator, activation_bytes, checkpointing_needed, label_token_loss, packed_attention,
                              plan_steps, split_into_passes, varlen_attention_forward)
 
 
@@ -114,7 +114,7 @@ def test_varlen_attention_function_matches_padded_model(tiny, monkeypatch, signa
     grouped-query heads, causality and the fp32 -> half cast all checked without a GPU."""
     from transformers import DataCollatorForSeq2Seq
 
-    import peftbench.speed as speed
+    import peftbench_plugins.trainers.packing as speed
 
     model, tokenizer, examples = tiny
     monkeypatch.setattr(speed, "_varlen_kernel", lambda: _reference_varlen(signature))
@@ -137,7 +137,7 @@ def test_varlen_attention_refuses_a_padding_mask():
 
 
 def test_plan_defaults_pack_without_checkpointing_on_cpu_and_lean_caps_passes(tiny):
-    from peftbench_plugins.trainer_hf import HfTrainerOptions
+    from peftbench_plugins.trainers.hf import HfTrainerOptions
 
     model, tokenizer, examples = tiny
     from datasets import Dataset
@@ -161,7 +161,7 @@ def test_prompt_learning_methods_keep_the_plain_trainer_path(tiny_model_dir, tin
     from peft import PrefixTuningConfig, TaskType, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from peftbench_plugins.trainer_hf import HfTrainerOptions
+    from peftbench_plugins.trainers.hf import HfTrainerOptions
 
     _, tokenizer, examples = tiny
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
@@ -180,10 +180,10 @@ def test_checkpointing_estimate_grows_with_tokens_and_is_off_on_cpu(tiny):
 def _train(model_dir, tokenizer, dataset, tmp_path, eval_dataset=None, **trainer_options):
     from types import SimpleNamespace
 
-    from peftbench.device import resolve_policy
-    from peftbench.modeling import load_model
-    from peftbench_plugins.method_lora import Lora
-    from peftbench_plugins.trainer_hf import HfTrainer, HfTrainerOptions
+    from peftbench.pipeline.device import resolve_policy
+    from peftbench.pipeline.modeling import load_model
+    from peftbench_plugins.methods.lora import Lora
+    from peftbench_plugins.trainers.hf import HfTrainer, HfTrainerOptions
 
     policy = resolve_policy("auto")
     method = Lora()

@@ -6,9 +6,9 @@ import pytest
 import yaml
 
 from peftbench.cli import main
-from peftbench.components import Capabilities, ExporterPlugin, MethodPlugin
-from peftbench.hookspecs import hookimpl
-from peftbench.plugins import registered
+from peftbench.api import Capabilities, ExporterPlugin, MethodPlugin
+from peftbench.api import hookimpl
+from peftbench.host import registered
 
 
 def _one_error_line(capsys) -> str:
@@ -137,7 +137,7 @@ def test_a_valid_recipe_passes(write_recipe, capsys):
 
 def test_model_references_that_are_not_models_are_named_before_anything_runs(write_recipe, tmp_path, capsys):
     """Issue 17, case 9: each of these was a traceback after run.json was written."""
-    from peftbench.modeling import OFFLINE_MODEL, resolve_package_file
+    from peftbench.pipeline.modeling import OFFLINE_MODEL, resolve_package_file
 
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes").mkdir()

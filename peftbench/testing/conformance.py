@@ -42,7 +42,7 @@ class MethodConformance:
 
     @pytest.fixture(scope="class")
     def conformance_host(self):
-        from peftbench.plugins import get_host, registered
+        from peftbench.host import get_host, registered
 
         if not self.method.get("name"):
             pytest.fail(f"{type(self).__name__} must set method = {{'name': ..., <options>}}")
@@ -62,9 +62,9 @@ class MethodConformance:
         from datasets import load_dataset
         from transformers import DataCollatorForSeq2Seq
 
-        from peftbench.chat import tokenize_for_training
-        from peftbench.modeling import load_tokenizer
-        from peftbench.recipe import PromptSection
+        from peftbench.pipeline.chat import tokenize_for_training
+        from peftbench.pipeline.modeling import load_tokenizer
+        from peftbench.pipeline.recipe import PromptSection
 
         tokenizer = load_tokenizer(str(tiny_model_dir))
         rows = load_dataset("json", data_files=str(tiny_data_dir / "train.jsonl"), split="train").select(range(2))
@@ -77,10 +77,10 @@ class MethodConformance:
     @pytest.fixture
     def conformance_ctx(self, conformance_host, tiny_model_dir, tiny_data_dir, tmp_path):
         """A RunContext for the method on the tiny model, as the runner builds it."""
-        from peftbench.context import RunContext
-        from peftbench.device import resolve_policy
-        from peftbench.recipe import validate_recipe
-        from peftbench.testing import tiny_recipe
+        from peftbench.pipeline.context import RunContext
+        from peftbench.pipeline.device import resolve_policy
+        from peftbench.pipeline.recipe import validate_recipe
+        from peftbench.testing.tiny import tiny_recipe
 
         # float32 on every device: the checks are about the method, and bf16 rounding (the GPU default)
         # would swamp the tolerances that make them sharp.
@@ -127,7 +127,7 @@ class MethodConformance:
     # --- checks ---------------------------------------------------------------------------------
 
     def test_plugin_declares_itself(self, conformance_ctx):
-        from peftbench.components import Capabilities
+        from peftbench.api import Capabilities
 
         plugin = conformance_ctx.recipe.method
         assert plugin.name == self.method["name"]
@@ -138,7 +138,7 @@ class MethodConformance:
             assert plugin.capabilities.mergeable, "a GGUF is converted from merged weights: gguf_exportable needs mergeable"
 
     def test_trainable_parameters_are_a_small_fraction(self, conformance_ctx):
-        from peftbench.runner import count_parameters
+        from peftbench.pipeline.resources import count_parameters
 
         model = self.applied(conformance_ctx)
         trainable, total = count_parameters(model)
@@ -191,7 +191,7 @@ class MethodConformance:
         method.save(model, ctx.adapter_dir)  # the runner saves before any export; merge may read it
         if not method.capabilities.mergeable:
             with pytest.raises(StageRefused) as refusal:
-                method.merge(model, ctx)
+                method.merge(model, options, ctx)
             assert refusal.value.problem and refusal.value.fix, "a refusal must say why and what to do instead"
             return
 
@@ -201,7 +201,7 @@ class MethodConformance:
             # Trained on a quantised base, merged into full-precision weights: the merge must match the
             # trained weights on that full-precision base (the quantisation error is not the merge's).
             expected = self.logits(method.load(ctx.load_base_model(quantized=False), ctx.adapter_dir, options), batch)
-        merged = method.merge(model, ctx)
+        merged = method.merge(model, options, ctx)
         assert isinstance(merged, PreTrainedModel), f"merge() returned {type(merged).__name__}, not a transformers model"
         leftovers = {type(m).__name__ for m in merged.modules() if type(m).__module__.startswith("peft.")}
         assert not leftovers, f"the merged model still holds peft layers: {sorted(leftovers)}"
@@ -217,8 +217,8 @@ class MethodConformance:
         """Evaluation generates in left-padded batches: the method must not see the padding."""
         import torch
 
-        from peftbench.chat import encode_prompt
-        from peftbench.recipe import PromptSection
+        from peftbench.pipeline.chat import encode_prompt
+        from peftbench.pipeline.recipe import PromptSection
 
         tokenizer, batch = conformance_inputs
         model = self.trained(conformance_ctx, batch)

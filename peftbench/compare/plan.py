@@ -1,0 +1,261 @@
+"""Comparison recipes: one base recipe, several methods (and seeds, and a small grid), one report.
+
+A comparison recipe is a YAML mapping::
+
+    base: recipes/quickstart.yaml        # a recipe file, an inline recipe, or {extends: FILE, <sections>}
+    methods:                              # or `runs:`; each entry is a method name or a mapping
+      - lora
+      - method: {name: ia3}
+        trainer: {learning_rate: 1.0e-2}  # the method's own optimiser settings
+      - recipe: recipes/methods/prefix_tuning_quickstart.yaml   # its method section and optimiser settings
+    seeds: [1, 2, 3]                      # optional: every run once per seed
+    grid: {trainer.learning_rate: [1.0e-4, 1.0e-3]}   # optional: expands every run (also per entry)
+
+Every run shares the base's model, data, prompt, evaluation, exporters and token budget; an entry can
+change only its method and its trainer's optimiser settings, so the comparison is fair by construction.
+Every expanded run is validated before the first one starts; ``peftbench.compare.run`` runs them.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from peftbench.errors import PeftbenchError
+from peftbench.host import Host, get_host
+from peftbench.pipeline.recipe import _describe as describe_errors  # recipes' wording for schema errors
+from peftbench.pipeline.recipe import apply_overrides, read_recipe_file, set_key, validate_recipe
+from peftbench.pipeline.record import default_run_dir
+
+# hf trainer options that fix how much data a run sees: equal across runs unless a grid varies them.
+BUDGET_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum")
+# hf trainer options a method recipe (`recipe:` in an entry) may bring: those that depend on the method.
+METHOD_TRAINER_KEYS = ("learning_rate", "lr_scheduler", "warmup_steps", "weight_decay", "max_grad_norm")
+
+
+class RunEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    label: str | None = Field(None, description="run name in directories and reports; default: the method name")
+    recipe: str | None = Field(
+        None, description="recipe file whose method section and optimiser settings (learning rate, ...) this run takes"
+    )
+    method: str | dict | None = Field(None, description="method name, or {name: ..., options}; same name as the base merges")
+    trainer: dict = Field(default_factory=dict, description="trainer options for this method, e.g. learning_rate")
+    grid: dict[str, list] = Field(default_factory=dict, description="key.path: [values] expanded for this entry only")
+
+
+class ComparisonRecipe(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base: str | dict = Field(description="recipe file, inline recipe, or {extends: FILE, <sections merged over it>}")
+    runs: list[str | RunEntry] = Field(
+        validation_alias=AliasChoices("runs", "methods"), min_length=1, description="the methods to compare"
+    )
+    seeds: list[int] | None = Field(None, min_length=1, description="run everything once per seed; default: the base's seed")
+    grid: dict[str, list] = Field(default_factory=dict, description="key.path: [values] expanded for every run")
+    output_dir: str | None = Field(None, description="parent of the run directories; default runs/<file name>")
+    report: str | None = Field(None, description="Markdown report path (PNG plots beside it); default <output_dir>/comparison.md")
+
+    @field_validator("grid")
+    @classmethod
+    def _grid_values(cls, grid: dict) -> dict:
+        return _check_grid(grid)
+
+
+def _check_grid(grid: dict) -> dict:
+    for key, values in grid.items():
+        if "." not in key:
+            raise ValueError(f"grid key '{key}' must be a section path such as method.r or trainer.learning_rate")
+        if not values:
+            raise ValueError(f"grid key '{key}' has no values")
+    return grid
+
+
+@dataclass
+class PlannedRun:
+    name: str  # directory name: config plus seed
+    config: str  # the configuration, shared by its seeds (label plus grid point)
+    label: str
+    seed: int
+    grid: dict[str, Any]
+    raw: dict  # the recipe this run validates and runs
+    notes: list[str] = field(default_factory=list)
+
+    def annotation(self) -> dict:
+        """What run.json records about this run's place in the comparison (reports group by it)."""
+        return {"config": self.config, "label": self.label, "seed": self.seed, "grid": self.grid, "notes": self.notes}
+
+
+@dataclass
+class Comparison:
+    source: str
+    runs: list[PlannedRun]
+    output_dir: Path
+    report_path: Path
+
+
+def is_comparison(raw: dict) -> bool:
+    return "base" in raw and ("runs" in raw or "methods" in raw)
+
+
+def is_comparison_file(path: str | Path) -> bool:
+    return is_comparison(read_recipe_file(path))
+
+
+# --- expansion -----------------------------------------------------------------------------------
+
+
+def load_comparison(path: str | Path, overrides: list[str] = (), output_dir: str | None = None,
+                    host: Host | None = None) -> Comparison:
+    """Read, expand and validate a comparison recipe; raises one PeftbenchError naming every problem."""
+    source = str(path)
+    raw = read_recipe_file(path)
+    try:
+        spec = ComparisonRecipe.model_validate(raw)
+    except ValidationError as e:
+        raise PeftbenchError(f"comparison '{source}' is invalid: " + "; ".join(describe_errors(e, ComparisonRecipe, raw)) + ".",
+                             "start from recipes/compare_quickstart.yaml (the format is in peftbench/compare/plan.py).") from None
+    host = host or get_host()
+    runs = expand(spec, list(overrides), host)
+    _validate_all(source, runs, host)
+    out = default_run_dir(source, output_dir or spec.output_dir)
+    report = Path(spec.report) if spec.report else out / "comparison.md"
+    return Comparison(source=source, runs=runs, output_dir=out, report_path=report)
+
+
+def expand(spec: ComparisonRecipe, overrides: list[str], host: Host) -> list[PlannedRun]:
+    base = _load_base(spec.base)
+    seeds = spec.seeds or [base.get("seed", 42)]
+    planned: list[PlannedRun] = []
+    for entry in spec.runs:
+        entry = RunEntry(method=entry) if isinstance(entry, str) else entry
+        run_raw, notes = _merge_entry(base, entry)
+        label = _safe(entry.label or run_raw["method"].get("name") or "run")
+        grid = {**spec.grid, **_check_grid(entry.grid)}
+        points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
+        for point in points:
+            config = label + "".join(f"-{key.split('.')[-1]}{_safe(str(value))}" for key, value in point.items())
+            point_raw = copy.deepcopy(run_raw)
+            for key, value in point.items():
+                set_key(point_raw, key, value)
+            point_raw = apply_overrides(point_raw, overrides)  # the command line has the last word
+            for seed in seeds:
+                seed_raw = {**copy.deepcopy(point_raw), "seed": seed}
+                seed_raw.pop("output_dir", None)
+                run_notes = notes + _drop_unsupported_exporters(seed_raw, host)
+                name = f"{config}-seed{seed}" if len(seeds) > 1 else config
+                planned.append(PlannedRun(name=name, config=config, label=label, seed=seed, grid=point,
+                                          raw=seed_raw, notes=run_notes))
+    return planned
+
+
+def _load_base(base: str | dict) -> dict:
+    if isinstance(base, str):
+        return read_recipe_file(base)
+    base = copy.deepcopy(base)
+    parent = base.pop("extends", None)
+    return _deep_merge(read_recipe_file(parent), base) if parent else base
+
+
+def _merge_entry(base: dict, entry: RunEntry) -> tuple[dict, list[str]]:
+    """The base recipe with this entry's method and trainer settings; the data, prompt, evaluation and
+    budget stay the base's."""
+    notes: list[str] = []
+    method, trainer = None, {}
+    if entry.recipe:
+        other = read_recipe_file(entry.recipe)
+        method = other.get("method")
+        other_trainer = other.get("trainer") or {}
+        trainer = {k: v for k, v in other_trainer.items() if k in METHOD_TRAINER_KEYS}
+        ignored = sorted(k for k in other_trainer if k not in METHOD_TRAINER_KEYS and k != "name"
+                         and other_trainer[k] != (base.get("trainer") or {}).get(k))
+        if ignored:
+            notes.append(f"from {entry.recipe} took the method and {', '.join(sorted(trainer)) or 'no trainer settings'}; "
+                         f"kept the base's {', '.join(ignored)} so every run has the same budget")
+    if entry.method is not None:
+        given = {"name": entry.method} if isinstance(entry.method, str) else entry.method
+        current = method or base.get("method") or {}
+        given = given if "name" in given else {"name": current.get("name"), **given}  # options for the method in use
+        method = _deep_merge(method, given) if method and given["name"] == method.get("name") else given
+    raw = copy.deepcopy(base)
+    if method is not None:
+        same = (raw.get("method") or {}).get("name") == method.get("name")
+        raw["method"] = _deep_merge(raw["method"], method) if same else copy.deepcopy(method)
+    raw["trainer"] = _deep_merge(raw.get("trainer") or {}, {**trainer, **entry.trainer})
+    return raw, notes
+
+
+def _drop_unsupported_exporters(raw: dict, host: Host) -> list[str]:
+    """Exporters whose required capabilities the run's method lacks are left out of that run, with a
+    note (a comparison of prefix tuning and LoRA should still export the LoRA runs to GGUF)."""
+    method_name = (raw.get("method") or {}).get("name")
+    if method_name not in host.methods or not isinstance(raw.get("exporters"), list):
+        return []  # unknown names are reported by validation
+    caps = host.methods.get(method_name).capabilities
+    kept, notes = [], []
+    for ref in raw["exporters"]:
+        name = ref.get("name") if isinstance(ref, dict) else None
+        missing = host.exporters.get(name).missing_capabilities(caps) if name in host.exporters else []
+        if missing:
+            notes.append(f"exporter '{name}' left out: method '{method_name}' lacks {', '.join(missing)}")
+        else:
+            kept.append(ref)
+    raw["exporters"] = kept
+    return notes
+
+
+def _validate_all(source: str, runs: list[PlannedRun], host: Host) -> None:
+    """Validate every run before any starts; the same problem in several runs is reported once."""
+    problems: dict[str, list[str]] = {}
+    resolved = {}
+    prefix = f"recipe '{source}' is invalid: "
+    for run in runs:
+        try:
+            resolved[run.name] = validate_recipe(run.raw, source=source, host=host)
+        except PeftbenchError as e:
+            problems.setdefault(e.problem.removeprefix(prefix).rstrip("."), []).append(run.name)
+    names = [run.name for run in runs]
+    for label in sorted({run.label for run in runs if names.count(run.name) > 1}):  # two entries, one label
+        problems[f"two entries are named '{label}' (give one a different `label:`)"] = []
+    problems.update(_budget_problems(runs, resolved))
+    if problems:
+        text = "; ".join(detail + (f" [{', '.join(who)}]" if who else "") for detail, who in problems.items())
+        raise PeftbenchError(
+            f"comparison '{source}' is invalid: {text}.",
+            "correct the base recipe, the entries or the key=value overrides (`peftbench validate` checks without running).",
+        )
+
+
+def _budget_problems(runs: list[PlannedRun], resolved: dict) -> dict[str, list[str]]:
+    budgets: dict[tuple, set[str]] = {}
+    for run in runs:
+        r = resolved.get(run.name)
+        if r is None:
+            continue
+        options = r.trainer_options.model_dump()
+        varied = {key.split(".", 1)[1] for key in run.grid if key.startswith("trainer.")}
+        budget = tuple((k, options[k]) for k in BUDGET_KEYS if k in options and k not in varied)
+        budgets.setdefault(budget, set()).add(run.label)
+    if len(budgets) <= 1:
+        return {}
+    differing = [k for k in BUDGET_KEYS if len({dict(b).get(k) for b in budgets}) > 1]
+    described = " vs ".join(", ".join(f"{k}={dict(b).get(k)}" for k in differing) + f" ({', '.join(sorted(labels))})"
+                            for b, labels in budgets.items())
+    return {f"runs differ in training budget: {described}; set the budget in the base recipe only": []}
+
+
+def _deep_merge(base: dict | None, over: dict | None) -> dict:
+    out = copy.deepcopy(base or {})
+    for key, value in (over or {}).items():
+        out[key] = _deep_merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
+
+
+def _safe(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._+-]+", "_", text).strip("_") or "run"

@@ -1,0 +1,496 @@
+"""Comparison reports over many runs: one Markdown table row per method (configuration), PNG plots beside it.
+
+``peftbench report RUN_DIR... -o reports/NAME.md`` reads each run's run.json (a run directory, or a
+folder holding run directories), groups the seeds of one configuration (mean ± standard deviation),
+marks the best value of each column in bold and writes ``NAME_*.png`` plots next to the Markdown.
+The same records always give byte-identical Markdown: rows are sorted and nothing in it comes from
+the clock or from where the runs lie on disk.
+"""
+
+from __future__ import annotations
+
+
+import json
+import re
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from peftbench.errors import PeftbenchError
+from peftbench.pipeline.evaluation import ROUGE_TYPES
+from peftbench.files import atomic_write_text, human_bytes, read_json
+from peftbench.pipeline.environment import versions
+from peftbench.pipeline.record import first_non_finite
+
+ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
+DEFAULT_GGUF_TYPE = "Q4_K_M"
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    record: dict
+
+    @property
+    def name(self) -> str:
+        return self.record["run_info"]["experiment_name"]
+
+    @property
+    def ok(self) -> bool:
+        return (self.record["run_info"].get("status") == "success" and "finetuned" in self.record.get("eval", {})
+                and self.divergence is None)
+
+    @property
+    def divergence(self) -> str | None:
+        """Where training went non-finite, for records written before the trainer refused such runs."""
+        found = first_non_finite(self.record.get("train_info", {}).get("metrics"))
+        return f"{found[0]} {found[1]} at step {found[2]}" if found else None
+
+    @property
+    def annotation(self) -> dict:
+        return self.record["run_info"].get("comparison") or {}
+
+    @property
+    def method(self) -> str:
+        return (self.record["run_info"].get("recipe") or {}).get("method", {}).get("name", "?")
+
+
+def find_run_dirs(paths: list[str | Path]) -> list[Path]:
+    """Each path is a run directory (holds run.json) or a folder searched for run directories."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if (path / "run.json").is_file():
+            found.append(path)
+        elif path.is_dir():
+            inside = sorted(p.parent for p in path.rglob("run.json"))
+            if not inside:
+                raise PeftbenchError(f"no run.json under '{path}'.", "pass run directories or folders that hold them.")
+            found += inside
+        else:
+            raise PeftbenchError(f"'{path}' is not a run directory.", "pass run directories (each holds a run.json) or their parent.")
+    return list(dict.fromkeys(found))
+
+
+def load_runs(paths: list[str | Path]) -> list[Run]:
+    runs = []
+    for run_dir in find_run_dirs(paths):
+        try:
+            runs.append(Run(read_json(run_dir / "run.json")))
+        except (json.JSONDecodeError, KeyError) as e:
+            raise PeftbenchError(f"'{run_dir / 'run.json'}' is not a peftbench run record ({e}).",
+                                 "pass directories written by `peftbench run`.") from None
+    return runs
+
+
+# --- grouping and statistics ---------------------------------------------------------------------
+
+
+@dataclass
+class Stat:
+    mean: float
+    std: float | None  # None with a single run
+    n: int
+
+
+@dataclass
+class Group:
+    """One configuration (method, options, grid point), with one run per seed."""
+
+    key: str
+    label: str
+    method: str
+    grid: dict
+    runs: list[Run]
+    stats: dict[str, Stat] = field(default_factory=dict)
+
+    @property
+    def ok_runs(self) -> list[Run]:
+        return [r for r in self.runs if r.ok]
+
+    @property
+    def failed_runs(self) -> list[Run]:
+        return [r for r in self.runs if not r.ok]
+
+
+def _config_key(run: Run) -> str:
+    if run.annotation.get("config"):
+        return "config:" + run.annotation["config"]
+    recipe = dict(run.record["run_info"].get("recipe") or {})
+    recipe.pop("seed", None)
+    recipe.pop("output_dir", None)
+    return "recipe:" + json.dumps(recipe, sort_keys=True)
+
+
+def group_runs(runs: list[Run]) -> list[Group]:
+    by_key: dict[str, list[Run]] = {}
+    for run in runs:
+        by_key.setdefault(_config_key(run), []).append(run)
+    groups = []
+    for key, members in by_key.items():
+        members.sort(key=lambda r: (_seed(r), r.name))
+        first = members[0]
+        label = first.annotation.get("config") or re.sub(r"-seed\d+$", "", first.name)
+        groups.append(Group(key=key, label=label, method=first.method, grid=first.annotation.get("grid") or {}, runs=members))
+    groups.sort(key=lambda g: (g.label, g.method, g.key))
+    seen: dict[str, int] = {}
+    for g in groups:  # two configurations from differently named folders may share a name
+        seen[g.label] = seen.get(g.label, 0) + 1
+        if seen[g.label] > 1:
+            g.label = f"{g.label} #{seen[g.label]}"
+    for g in groups:
+        g.stats = _stats([run_metrics(r.record) for r in g.ok_runs])
+    return groups
+
+
+def _seed(run: Run) -> int:
+    seed = run.annotation.get("seed", (run.record["run_info"].get("recipe") or {}).get("seed"))
+    return seed if isinstance(seed, int) else 0
+
+
+def run_metrics(record: dict) -> dict[str, float]:
+    """The numbers a report compares, from one run record (missing ones left out)."""
+    train, ev = record.get("train_info", {}), record.get("eval", {})
+    base, tuned, gguf = ev.get("baseline") or {}, ev.get("finetuned") or {}, ev.get("gguf") or {}
+    out = {
+        "trainable": train.get("num_trainable_params"),
+        "trainable_percent": train.get("trainable_percent"),
+        "adapter_bytes": train.get("file_size"),
+        "train_time": train.get("train_time"),
+        "tokens_per_second": train.get("tokens_per_second"),
+        "peak_memory": train.get("accelerator_memory_max"),
+        "eval_time": tuned.get("eval_time_s"),
+        "gguf_rouge1": gguf.get("rouge1"),
+    }
+    for key in ROUGE_TYPES:
+        out[key] = tuned.get(key)
+        out[f"base_{key}"] = base.get(key)
+        if key in tuned and key in base:
+            out[f"delta_{key}"] = tuned[key] - base[key]
+    return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
+
+
+def _stats(metric_rows: list[dict[str, float]]) -> dict[str, Stat]:
+    keys = sorted({k for row in metric_rows for k in row})
+    out = {}
+    for key in keys:
+        values = [row[key] for row in metric_rows if key in row]
+        out[key] = Stat(statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values))
+    return out
+
+
+# --- the table -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    key: str  # the statistic that decides "best"
+    better: str  # "max" or "min"
+    text: Callable[[Group], str]  # the cell, from the group's statistics
+    best_text: Callable[[Stat], str]  # what must equal the best for a cell to be bold
+
+
+def _num(fmt: str) -> Callable[[Stat], str]:
+    return lambda s: format(s.mean, fmt)
+
+
+def _spread(stat: Stat, fmt: str) -> str:
+    return format(stat.mean, fmt) + (f" ± {format(stat.std, fmt)}" if stat.std is not None else "")
+
+
+def _rouge_cell(key: str) -> Callable[[Group], str]:
+    def cell(g: Group) -> str:
+        delta = g.stats.get(f"delta_{key}")
+        return _spread(g.stats[key], ".2f") + (f" ({delta.mean:+.2f})" if delta else "")
+    return cell
+
+
+def _columns(gguf_label: str | None) -> list[Column]:
+    cols = [
+        Column("trainable params", "trainable", "min",
+               lambda g: f"{g.stats['trainable'].mean:,.0f} ({g.stats['trainable_percent'].mean:.3f}%)"
+               if "trainable_percent" in g.stats else f"{g.stats['trainable'].mean:,.0f}", _num(",.0f")),
+        Column("adapter size", "adapter_bytes", "min", lambda g: human_bytes(g.stats["adapter_bytes"].mean),
+               lambda s: human_bytes(s.mean)),
+    ]
+    cols += [Column(f"{ROUGE_NAMES[k]} (Δ base)", k, "max", _rouge_cell(k), _num(".2f")) for k in ROUGE_TYPES]
+    if gguf_label:
+        cols.append(Column(f"GGUF {gguf_label} ROUGE-1", "gguf_rouge1", "max",
+                           lambda g: _spread(g.stats["gguf_rouge1"], ".2f"), _num(".2f")))
+    cols += [
+        Column("train time", "train_time", "min", lambda g: _spread(g.stats["train_time"], ".1f") + " s", _num(".1f")),
+        Column("non-pad tokens/s", "tokens_per_second", "max", lambda g: _spread(g.stats["tokens_per_second"], ",.0f"),
+               _num(",.0f")),
+        Column("peak memory", "peak_memory", "min", lambda g: human_bytes(g.stats["peak_memory"].mean),
+               lambda s: human_bytes(s.mean)),
+        Column("eval time", "eval_time", "min", lambda g: _spread(g.stats["eval_time"], ".1f") + " s", _num(".1f")),
+    ]
+    return cols
+
+
+def _gguf_label(runs: list[Run]) -> str | None:
+    """The quantisation type of the GGUF scores (the gguf exporter records it), if any run has them."""
+    types = {str(gguf.get("quant_type") or DEFAULT_GGUF_TYPE) for run in runs if (gguf := run.record.get("eval", {}).get("gguf"))}
+    return "/".join(sorted(types)) if types else None
+
+
+def _table(groups: list[Group], columns: list[Column]) -> list[str]:
+    best: dict[str, str] = {}
+    for col in columns:
+        stats = [g.stats[col.key] for g in groups if g.ok_runs and col.key in g.stats]
+        if len(stats) > 1:  # a lone value is not "best" of anything
+            pick = max if col.better == "max" else min
+            best[col.key] = col.best_text(pick(stats, key=lambda s: s.mean))
+    lines = ["| method | " + " | ".join(c.header for c in columns) + " |",
+             "| --- | " + " | ".join("---:" for _ in columns) + " |"]
+    baseline = _baseline_row(groups)
+    if baseline:
+        lines.append("| base model (no training) | " + " | ".join(baseline.get(c.key, "—") for c in columns) + " |")
+    for g in groups:
+        label = g.label
+        if g.ok_runs and len(g.runs) > 1:
+            label += f" ({len(g.ok_runs)} seeds" + (f", {len(g.failed_runs)} failed)" if g.failed_runs else ")")
+        if not g.ok_runs:
+            lines.append(f"| {label} — **failed** | " + " | ".join("—" for _ in columns) + " |")
+            continue
+        cells = []
+        for col in columns:
+            if col.key not in g.stats:
+                cells.append("—")
+                continue
+            text = col.text(g)
+            cells.append(f"**{text}**" if col.best_text(g.stats[col.key]) == best.get(col.key) else text)
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _baseline_row(groups: list[Group]) -> dict[str, str]:
+    rows = [run_metrics(r.record) for g in groups for r in g.ok_runs]
+    stats = _stats([{k.removeprefix("base_"): v for k, v in row.items() if k.startswith("base_")} for row in rows])
+    # Every run scores the same base model on the same examples, so one value is expected; a spread
+    # would mean the runs were not scored alike (the notes say so too).
+    return {k: _spread(stats[k], ".2f") if stats[k].std else f"{stats[k].mean:.2f}" for k in ROUGE_TYPES if k in stats}
+
+
+def _ranking(groups: list[Group]) -> list[str]:
+    ranked = sorted((g for g in groups if "rouge1" in g.stats), key=lambda g: (-round(g.stats["rouge1"].mean, 4), g.label))
+    lines = ["| rank | configuration | grid | ROUGE-1 | Δ base |", "| ---: | --- | --- | ---: | ---: |"]
+    for i, g in enumerate(ranked, 1):
+        grid = ", ".join(f"{k}={v}" for k, v in g.grid.items()) or "—"
+        delta = g.stats.get("delta_rouge1")
+        lines.append(f"| {i} | {g.label} | {grid} | {_spread(g.stats['rouge1'], '.2f')} | "
+                     + (f"{delta.mean:+.2f}" if delta else "—") + " |")
+    return lines
+
+
+def _settings(groups: list[Group]) -> list[str]:
+    lines = ["| method | options | learning rate |", "| --- | --- | ---: |"]
+    for g in groups:
+        recipe = g.runs[0].record["run_info"].get("recipe") or {}
+        method = dict(recipe.get("method") or {})
+        name = method.pop("name", g.method)
+        options = ", ".join(f"{k}={_compact(v)}" for k, v in method.items())
+        lr = (recipe.get("trainer") or {}).get("learning_rate")
+        lines.append(f"| {g.label} | {name}: {options or 'defaults'} | {lr if lr is not None else '—'} |")
+    return lines
+
+
+def _compact(value) -> str:
+    if isinstance(value, list):
+        return "[" + ",".join(map(str, value)) + "]"
+    return str(value)
+
+
+def _setup(runs: list[Run]) -> list[str]:
+    ok = [r for r in runs if r.ok] or runs
+    meta = ok[0].record.get("meta_info", {})
+    recipe = ok[0].record["run_info"].get("recipe") or {}
+    data = meta.get("dataset_info", {})
+    trainer = recipe.get("trainer") or {}
+    seeds = sorted({_seed(r) for r in runs})
+    steps = sorted({r.record["train_info"].get("steps") for r in ok if r.record["train_info"].get("steps") is not None})
+    budget = (f"max_steps {trainer['max_steps']}" if trainer.get("max_steps") else f"{trainer.get('epochs', '?')} epochs")
+    lines = [
+        f"- Model: `{meta.get('model_id', (recipe.get('model') or {}).get('name'))}`; dataset: `{data.get('name', '?')}`, "
+        f"scored on the {data.get('eval_split', '?')} split ({data.get('eval_rows', '?')} examples) with greedy decoding.",
+        f"- Training: {budget}, batch {trainer.get('batch_size', '?')} × {trainer.get('grad_accum', '?')} accumulation "
+        f"({', '.join(map(str, steps)) or '?'} optimiser steps); seeds: {', '.join(map(str, seeds))}.",
+    ]
+    return lines
+
+
+def _environment(runs: list[Run]) -> list[str]:
+    lines = []
+    described: dict[str, list[str]] = {}
+    for run in sorted(runs, key=lambda r: r.name):
+        meta = run.record.get("meta_info", {})
+        if not meta:
+            continue
+        sysinfo = meta.get("system_info", {})
+        device = sysinfo.get("accelerator") or sysinfo.get("device", "?")
+        text = (f"{device} ({sysinfo.get('compute_dtype', '?')}, {sysinfo.get('cpu_count', '?')} CPU cores, "
+                f"{sysinfo.get('system', '?')} {sysinfo.get('machine', '')}".rstrip() + "), Python "
+                f"{sysinfo.get('python', '?')}; " + ", ".join(f"{k} {v}" for k, v in versions(meta.get("package_info", {})).items()))
+        described.setdefault(text, []).append(run.name)
+    for text, names in described.items():
+        lines.append(f"- {text}" + (f" (runs: {', '.join(names)})" if len(described) > 1 else ""))
+    return lines
+
+
+def _notes(groups: list[Group]) -> list[str]:
+    notes = set()
+    for g in groups:
+        for run in g.runs:
+            for note in run.annotation.get("notes") or []:
+                notes.add(f"{run.name}: {note}")
+            if run.ok:  # a failed export leaves the run's scores standing: say which
+                for stage, info in (run.record["run_info"].get("stages") or {}).items():
+                    if info.get("status") == "failed":
+                        notes.add(f"{run.name}: stage {stage} failed: {info.get('error') or 'no error recorded'}")
+            resumed = run.record.get("train_info", {}).get("resumed_from_step")
+            if resumed is not None:
+                notes.add(f"{run.name} was resumed from step {resumed}: its train time, tokens/s and peak memory are unknown")
+            if run.divergence:
+                notes.add(f"{run.name} diverged: {run.divergence}; its adapter is not usable")
+            elif not run.ok:
+                info = run.record["run_info"]
+                status = "failed" if info.get("status") == "failed" else f"did not finish ({info.get('status')})"
+                notes.add(f"{run.name} {status}: {info.get('error_msg') or 'no error recorded'}")
+    base = {round(v, 2) for g in groups for r in g.ok_runs if (v := run_metrics(r.record).get("base_rouge1")) is not None}
+    if len(base) > 1:
+        # Same examples, different base numbers: a 4-bit base (QLoRA) is scored as it is loaded, and
+        # batched bf16 generation on a GPU is not bit-exact from one run to the next.
+        per_run = ", ".join(f"{r.name} {run_metrics(r.record)['base_rouge1']:.2f}" for g in groups for r in g.ok_runs
+                            if run_metrics(r.record).get("base_rouge1") is not None)
+        notes.add(f"the base model's ROUGE-1 differs between runs ({per_run}): each run scores the base it "
+                  "trains from (4-bit for qlora); on a GPU, batched bf16 generation is also not bit-exact between runs")
+    return sorted(notes)
+
+
+def render_markdown(runs: list[Run], *, title: str, command: str = "", plots: list[tuple[str, str]] = ()) -> str:
+    """The whole report. ``plots`` is [(caption, file name relative to the report)]."""
+    runs = sorted(runs, key=lambda r: (r.name, _config_key(r)))  # the order runs were given in must not matter
+    groups = group_runs(runs)
+    lines = [f"# {title}", ""]
+    if command:
+        lines += ["Regenerate with:", "", "```", command, "```", ""]
+    lines += _setup(runs) + [""]
+    lines += [
+        "Each row is one method (mean ± standard deviation over seeds where there are several); ROUGE is the",
+        "fine-tuned model's, with its change against the base model in brackets. Best value of each column in bold.",
+        "",
+    ]
+    lines += _table(groups, _columns(_gguf_label(runs))) + [""]
+    if any(g.grid for g in groups):
+        lines += ["## Ranking by ROUGE-1", ""] + _ranking(groups) + [""]
+    lines += ["## Settings", ""] + _settings(groups) + [""]
+    notes = _notes(groups)
+    if notes:
+        lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
+    if plots:
+        lines += ["## Plots", ""] + [line for caption, name in plots for line in (f"![{caption}]({name})", "")]
+    lines += ["## Environment", ""] + _environment(runs)
+    return "\n".join(lines) + "\n"
+
+
+# --- plots ---------------------------------------------------------------------------------------
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points no other point beats on both axes (lower x and higher y are better), sorted by x."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+PLOTS = (  # (file suffix, x statistic, x axis label, log scale, x scale factor)
+    ("rouge1_vs_params", "trainable", "trainable parameters", True, 1.0),
+    ("rouge1_vs_train_time", "train_time", "training time (s)", False, 1.0),
+    ("rouge1_vs_memory", "peak_memory", "peak memory (GiB)", False, 1 / 2**30),
+)
+
+
+def write_plots(runs: list[Run], directory: Path, stem: str) -> list[tuple[str, str]]:
+    """PNG plots (Agg backend, no display needed); returns [(caption, file name)] of those written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = [g for g in group_runs(runs) if g.ok_runs]
+    if not groups:
+        return []
+    colors = {g.label: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
+    written = [_scatter_plot(plt, groups, colors, directory, stem, *plot) for plot in PLOTS]
+    written.append(_loss_plot(plt, groups, colors, directory, stem))
+    return [w for w in written if w]
+
+
+def _scatter_plot(plt, groups: list[Group], colors: dict, directory: Path, stem: str,
+                  suffix: str, key: str, xlabel: str, log: bool, scale: float) -> tuple[str, str] | None:
+    """ROUGE-1 against one cost (parameters, time, memory), with the Pareto front and the base model."""
+    points = [(g.stats[key].mean * scale, g.stats["rouge1"].mean, g) for g in groups if key in g.stats and "rouge1" in g.stats]
+    if not points:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for x, y, g in points:
+        err = g.stats["rouge1"].std
+        ax.errorbar(x, y, yerr=err, fmt="o", color=colors[g.label], capsize=3, markersize=7)
+        ax.annotate(g.label, (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    base = [g.stats["base_rouge1"].mean for g in groups if "base_rouge1" in g.stats]
+    if base:
+        ax.axhline(statistics.fmean(base), color="black", linewidth=0.8, linestyle=":", label="base model")
+    front = pareto_front([(x, y) for x, y, _ in points])
+    ax.plot([p[0] for p in front], [p[1] for p in front], "--", color="grey", linewidth=1, label="Pareto front")
+    if log:
+        ax.set_xscale("log")
+    ax.margins(x=0.15, y=0.12)  # room for the point labels
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("ROUGE-1 (fine-tuned)")
+    ax.grid(True, alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    caption = f"ROUGE-1 vs {xlabel.split(' (')[0]}"
+    return caption, _save(plt, fig, ax, caption, directory / f"{stem}_{suffix}.png")
+
+
+def _loss_plot(plt, groups: list[Group], colors: dict, directory: Path, stem: str) -> tuple[str, str] | None:
+    curves = [(g, r, [(h["step"], h["loss"]) for h in r.record["train_info"].get("metrics", []) if "loss" in h and "step" in h])
+              for g in groups for r in g.ok_runs]
+    if not any(points for _, _, points in curves):
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    labelled = set()
+    for g, r, points in curves:
+        if points:
+            ax.plot([p[0] for p in points], [p[1] for p in points], color=colors[g.label], linewidth=1.2,
+                    label=None if g.label in labelled else g.label)
+            labelled.add(g.label)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("training loss")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return "training loss", _save(plt, fig, ax, "Training loss", directory / f"{stem}_loss.png")
+
+
+def _save(plt, fig, ax, title: str, path: Path) -> str:
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+    return path.name
+
+
+def write_report(paths: list[str | Path], output: str | Path, *, command: str = "", title: str | None = None) -> Path:
+    """Load the runs under ``paths``, write the plots and the Markdown report at ``output``."""
+    output = Path(output)
+    runs = load_runs(paths)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    plots = write_plots(runs, output.parent, output.stem)
+    title = title or f"peftbench comparison: {output.stem}"
+    atomic_write_text(output, render_markdown(runs, title=title, command=command, plots=plots))
+    return output

@@ -1,0 +1,108 @@
+"""The plugin host: one pluggy manager, four registries filled through the hooks.
+
+Built-in plugins (``peftbench_plugins``) load exactly like third-party ones; third-party plugins come
+from the ``peftbench`` entry-point group. ``PEFTBENCH_PLUGINS`` (comma-separated plugin names, or an
+empty string for none) restricts which third-party plugins load.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from functools import lru_cache
+
+import pluggy
+
+from peftbench import api
+from peftbench.api import DatasetPlugin, ExporterPlugin, MethodPlugin, Registry, TrainerPlugin
+
+DEFAULT_PLUGINS = (
+    "peftbench_plugins.datasets",
+    "peftbench_plugins.methods.lora",
+    "peftbench_plugins.methods.qlora",
+    "peftbench_plugins.methods.prefix_tuning",
+    "peftbench_plugins.methods.ia3",
+    "peftbench_plugins.methods.bitfit",
+    "peftbench_plugins.trainers.hf",
+    "peftbench_plugins.exporters.adapter",
+    "peftbench_plugins.exporters.merged",
+    "peftbench_plugins.exporters.gguf",
+    "peftbench_plugins.exporters.ollama",
+)
+ENTRY_POINT_GROUP = "peftbench"
+
+class Host:
+    """A loaded set of plugins and the registries they filled."""
+
+    def __init__(self, pm: pluggy.PluginManager):
+        self.pm = pm
+        self.datasets: Registry[DatasetPlugin] = Registry("dataset", DatasetPlugin)
+        self.methods: Registry[MethodPlugin] = Registry("method", MethodPlugin)
+        self.trainers: Registry[TrainerPlugin] = Registry("trainer", TrainerPlugin)
+        self.exporters: Registry[ExporterPlugin] = Registry("exporter", ExporterPlugin)
+        hooks = {
+            "peftbench_register_datasets": self.datasets,
+            "peftbench_register_methods": self.methods,
+            "peftbench_register_trainers": self.trainers,
+            "peftbench_register_exporters": self.exporters,
+        }
+        # Call each implementation on its own so a duplicate names the plugin that caused it.
+        for hook_name, registry in hooks.items():
+            hook = getattr(pm.hook, hook_name)
+            for impl in reversed(hook.get_hookimpls()):
+                registry.current_plugin = pm.get_name(impl.plugin) or repr(impl.plugin)
+                impl.function(register=registry)
+
+
+def _allowed_third_party() -> set[str] | None:
+    raw = os.environ.get("PEFTBENCH_PLUGINS")
+    if raw is None:
+        return None
+    return {p.strip() for p in raw.split(",") if p.strip()}
+
+
+def make_plugin_manager(load_entry_points: bool = True, extra_plugins=()) -> pluggy.PluginManager:
+    import importlib
+    from importlib.metadata import entry_points
+
+    pm = pluggy.PluginManager("peftbench")
+    pm.add_hookspecs(api)
+    for module_name in DEFAULT_PLUGINS:
+        pm.register(importlib.import_module(module_name), name=module_name)
+    if load_entry_points and os.environ.get("PEFTBENCH_LOAD_ENTRY_POINTS", "1") != "0":
+        allowed = _allowed_third_party()
+        for ep in entry_points(group=ENTRY_POINT_GROUP):
+            if allowed is not None and ep.name not in allowed:
+                continue
+            if pm.has_plugin(ep.name) or ep.value in DEFAULT_PLUGINS:
+                continue
+            pm.register(ep.load(), name=ep.name)
+    for plugin in extra_plugins:
+        pm.register(plugin)
+    pm.check_pending()
+    return pm
+
+
+_extra_plugins: list = []
+
+
+@lru_cache(maxsize=1)
+def get_host() -> Host:
+    return Host(make_plugin_manager(extra_plugins=_extra_plugins))
+
+
+def reset_host() -> None:
+    """Forget the cached host so the next ``get_host()`` reloads every plugin."""
+    get_host.cache_clear()
+
+
+@contextmanager
+def registered(plugin):
+    """Register a plugin object (a module or a class holding hookimpls) for the duration of a block."""
+    _extra_plugins.append(plugin)
+    reset_host()
+    try:
+        yield get_host()
+    finally:
+        _extra_plugins.remove(plugin)
+        reset_host()

@@ -1,0 +1,106 @@
+"""Evaluation: batched greedy summaries and ROUGE.
+
+ROUGE comes from rouge-score with the Porter stemmer, averaged per example: the numbers
+``evaluate.load("rouge").compute(..., use_stemmer=True, use_aggregator=False)`` gives, averaged.
+ROUGE-1/2/L score the texts as they are. ROUGE-Lsum is summary-level LCS over sentences, which
+rouge-score reads as lines: as in the Hugging Face summarisation examples (``run_summarization.py``
+puts one ``nltk.sent_tokenize`` sentence per line in both prediction and reference), both texts are
+split into sentences first. Without that, a one-line prediction makes ROUGE-Lsum equal ROUGE-L.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from peftbench.pipeline.chat import encode_prompt, stop_token_ids
+
+ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
+
+
+def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
+    """Mean ROUGE F-measures in percent, plus ``n``."""
+    from rouge_score import rouge_scorer
+
+    if len(predictions) != len(references):
+        raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    summary_scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
+    totals = dict.fromkeys(ROUGE_TYPES, 0.0)
+    for pred, ref in zip(predictions, references):
+        scores = {**scorer.score(ref, pred),
+                  **summary_scorer.score(sentences_per_line(ref), sentences_per_line(pred))}
+        for key in ROUGE_TYPES:
+            totals[key] += scores[key].fmeasure
+    n = len(predictions)
+    out = {key: round(100 * totals[key] / n, 4) if n else 0.0 for key in ROUGE_TYPES}
+    out["n"] = n
+    return out
+
+
+def sentences_per_line(text: str) -> str:
+    """One sentence per line, for ROUGE-Lsum. nltk's Punkt splitter with its default parameters:
+    ``nltk.sent_tokenize`` (what the HF examples call) needs the ``punkt`` model downloaded from the
+    internet, which peftbench does not assume; the untrained splitter differs from it mainly on
+    abbreviations ("Dr. Smith")."""
+    from nltk.tokenize.punkt import PunktSentenceTokenizer
+
+    return "\n".join(PunktSentenceTokenizer().tokenize(" ".join(text.split())))
+
+
+@dataclass
+class Evaluation:
+    scores: dict
+    predictions: list[str]
+    seconds: float
+
+    def as_record(self) -> dict:
+        mean_words = sum(len(p.split()) for p in self.predictions) / max(len(self.predictions), 1)
+        return {**self.scores, "mean_summary_words": round(mean_words, 2), "eval_time_s": round(self.seconds, 2)}
+
+
+@torch.no_grad()
+def generate_summaries(model, tokenizer, prompt, dialogues: list[str], *, batch_size: int = 16,
+                       max_new_tokens: int = 64, progress=None) -> list[str]:
+    """Greedy summaries, batched. Prompts are sorted by length so each batch carries little padding,
+    padded on the left so every sequence's next token is at the same position."""
+    device = next(model.parameters()).device
+    encoded = [encode_prompt(tokenizer, prompt, d) for d in dialogues]
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    outputs: list[str] = [""] * len(encoded)
+    pad_id = tokenizer.pad_token_id
+    stops = stop_token_ids(tokenizer)
+    was_training = model.training
+    model.eval()
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        width = max(len(encoded[i]) for i in idx)
+        input_ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
+        attention = torch.zeros((len(idx), width), dtype=torch.long)
+        for row, i in enumerate(idx):
+            ids = encoded[i]
+            input_ids[row, width - len(ids):] = torch.tensor(ids)
+            attention[row, width - len(ids):] = 1
+        generated = model.generate(
+            input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
+            do_sample=False, eos_token_id=stops, pad_token_id=pad_id,
+            temperature=None, top_p=None, top_k=None,  # greedy: silence the sampling defaults of chat models
+        )
+        for row, i in enumerate(idx):
+            outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
+        if progress is not None:
+            progress(len(idx))
+    model.train(was_training)
+    return outputs
+
+
+def evaluate_model(model, tokenizer, prompt, dataset, options, progress=None) -> Evaluation:
+    start = time.perf_counter()
+    predictions = generate_summaries(
+        model, tokenizer, prompt, list(dataset["dialogue"]), batch_size=options.batch_size,
+        max_new_tokens=options.max_new_tokens, progress=progress,
+    )
+    seconds = time.perf_counter() - start
+    return Evaluation(rouge(predictions, list(dataset["summary"])), predictions, seconds)

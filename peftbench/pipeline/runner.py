@@ -1,0 +1,369 @@
+"""The pipeline: data, baseline evaluation, method, training, adapter, evaluation, exports, record.
+
+``run_recipe`` reads as its stages, each a short function below it. Each stage's status, time and
+error go into run.json as soon as the stage ends (``RunRecord.stage``), so a crash or a kill leaves a
+truthful record, and a failing export never takes the adapter or the scores with it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from peftbench.console import console
+from peftbench.errors import PeftbenchError
+from peftbench.files import atomic_directory, atomic_write_text, dir_size, read_json
+from peftbench.pipeline import distributed
+from peftbench.pipeline.context import RunContext
+from peftbench.pipeline.device import resolve_policy
+from peftbench.pipeline.environment import package_versions, system_info
+from peftbench.pipeline.evaluation import evaluate_model
+from peftbench.pipeline.modeling import load_tokenizer, resolve_model_source
+from peftbench.pipeline.recipe import ResolvedRecipe
+from peftbench.pipeline.record import (RunRecord, default_run_dir as run_dir_for, memory_summary, peft_config_record,
+                                       peft_test_summary, recorded_status)
+from peftbench.pipeline.report import print_run_summary, render_run_report
+from peftbench.pipeline.resources import count_parameters, ensure_free_disk, out_of_memory_as_error, trainable_bytes
+
+
+def default_run_dir(recipe: ResolvedRecipe) -> Path:
+    return run_dir_for(recipe.source, recipe.recipe.output_dir)
+
+
+# What a run writes into its directory; --overwrite deletes these and nothing else.
+RUN_ENTRIES = ("run.json", "recipe.yaml", "report.md", "run.log", "predictions_*.jsonl", "adapter", "checkpoints", "exports",
+               ".*.tmp", ".*.old")
+# Open directory descriptors holding a run directory's lock, kept for the life of the process.
+_LOCKS: dict[Path, int] = {}
+
+
+def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, claim: bool = True) -> None:
+    """A run gets its own directory; a finished run is never overwritten by accident, a directory that
+    is not a peftbench run is never written into or deleted, and one process at a time owns it.
+    ``claim``: take the directory (an advisory lock held until the process ends, then --overwrite's
+    deletion); without it, only check what a claim would refuse (a launcher does, before its processes)."""
+    if run_dir.exists() and not run_dir.is_dir():
+        raise PeftbenchError(f"output directory '{run_dir}' is a file.", "pass --output-dir DIR with a directory.")
+    if claim:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise PeftbenchError(f"cannot create output directory '{run_dir}': {e.strerror}.",
+                                 "pass --output-dir DIR in a place you can write to.") from None
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise PeftbenchError(f"output directory '{run_dir}' is not writable.",
+                                 "pass --output-dir DIR in a place you can write to.")
+        _lock(run_dir)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        status = recorded_status(run_dir)
+        if status is None:
+            raise PeftbenchError(
+                f"output directory '{run_dir}' is not empty and holds no peftbench run (no run.json written by peftbench).",
+                "pass --output-dir DIR with a new or empty directory (peftbench deletes only its own run directories).",
+            )
+        if overwrite:
+            foreign = sorted(p.name for p in run_dir.iterdir() if not _is_run_entry(p.name))
+            if foreign:
+                raise PeftbenchError(
+                    f"--overwrite would delete '{run_dir}', which also holds files peftbench did not write: "
+                    f"{', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}.",
+                    "move them out, or pass --output-dir DIR for a new run.")
+            if claim:
+                _remove_run_files(run_dir, keep_dir=True)  # the lock is held on the directory itself
+        elif resume:
+            if status == "success":
+                raise PeftbenchError(f"run '{run_dir}' already finished.", "use --overwrite to run it again, or --output-dir for a new run.")
+            if claim:  # what a killed atomic write left behind (.adapter.XXXX.tmp, .run.json.XXXX.tmp)
+                for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.old")]:
+                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+        else:
+            what = "holds a finished run" if status == "success" else f"holds an unfinished run ({status})"
+            raise PeftbenchError(
+                f"output directory '{run_dir}' {what}.",
+                "pass --resume to continue it, --overwrite to replace it, or --output-dir DIR for a new run.",
+            )
+    if claim:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+
+def require_same_recipe(run_dir: Path, resolved: dict) -> None:
+    """--resume continues the run that is there: the same recipe, value for value."""
+    path = run_dir / "recipe.yaml"
+    if not path.is_file():
+        return  # killed before the recipe was written: nothing was trained yet
+    before = _flatten(yaml.safe_load(path.read_text(encoding="utf-8")) or {})
+    now = _flatten(resolved)
+    changed = sorted(k for k in before.keys() | now.keys() if before.get(k) != now.get(k))
+    if changed:
+        shown = "; ".join(f"{k}: {before.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
+        raise PeftbenchError(
+            f"--resume with a recipe that differs from the run's ({shown}{' ...' if len(changed) > 4 else ''}).",
+            "resume with the same recipe and overrides, or start a new run (--output-dir DIR, or --overwrite).")
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, item in value.items() for k, v in _flatten(item, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def _is_run_entry(name: str) -> bool:
+    import fnmatch
+
+    return any(fnmatch.fnmatch(name, pattern) for pattern in RUN_ENTRIES)
+
+
+def _lock(run_dir: Path) -> None:
+    """flock on the directory itself: released by the kernel when the process ends, however it ends."""
+    import fcntl
+
+    key = run_dir.resolve()
+    if key in _LOCKS:
+        return
+    fd = os.open(key, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise PeftbenchError(f"output directory '{run_dir}' is in use by another peftbench process.",
+                             "wait for it to finish (or stop it), or pass --output-dir DIR for a new run.") from None
+    _LOCKS[key] = fd
+
+
+def release_run_dir(run_dir: Path) -> None:
+    fd = _LOCKS.pop(run_dir.resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+# Stages that only read the user's input: a run that fails in them never started.
+INPUT_STAGES = ("data", "model")
+
+
+def _never_started(run_dir: Path) -> bool:
+    try:
+        stages = read_json(run_dir / "run.json")["run_info"]["stages"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return set(stages) <= set(INPUT_STAGES)
+
+
+def _remove_run_files(run_dir: Path, keep_dir: bool = False) -> None:
+    """Delete what a run writes (RUN_ENTRIES) and nothing else; the directory too once it is empty."""
+    for entry in run_dir.iterdir():
+        if _is_run_entry(entry.name):
+            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+    if not keep_dir and not any(run_dir.iterdir()):
+        run_dir.rmdir()
+
+
+@dataclass
+class RunState:
+    """One run in progress: what the stages share."""
+
+    recipe: ResolvedRecipe
+    ctx: RunContext
+    record: RunRecord
+    processes: Any  # distributed.Processes: which process this is, and how to wait for the others
+    data: Any = None  # LoadedDataset
+    eval_split: Any = None
+    base: Any = None  # the base model, before the method is applied
+    train_rows: int = 0
+
+    @property
+    def r(self):
+        return self.recipe.recipe
+
+
+def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Run one recipe end to end; returns the run record (also written to run_dir/run.json)."""
+    run_dir = Path(run_dir or default_run_dir(recipe))
+    fresh = not run_dir.exists() or not any(run_dir.iterdir())
+    with ExitStack() as on_exit:
+        # The process may go on (tests, comparisons): let the next run have the directory.
+        on_exit.callback(release_run_dir, run_dir)
+        run = start(recipe, run_dir, resume=resume, overwrite=overwrite, on_exit=on_exit)
+        try:
+            load_data(run)
+            load_base_model(run)
+        except PeftbenchError:
+            if fresh and _never_started(run_dir):
+                _remove_run_files(run_dir)  # bad data or model: nothing ran, nothing to keep
+            raise
+        evaluate_baseline(run)
+        apply_method(run)
+        train(run)
+        # Training was the one stage that needs every process; the rest happens once, on the main one.
+        if run.processes.is_main:
+            save_adapter(run)
+            evaluate_finetuned(run)
+            export(run)
+            finish(run)
+        run.processes.close()
+        return run.record.data
+
+
+def start(recipe: ResolvedRecipe, run_dir: Path, *, resume: bool, overwrite: bool, on_exit: ExitStack) -> RunState:
+    """The run directory (claimed), run.json from the first moment, then recipe.yaml."""
+    policy = resolve_policy(recipe.recipe.model.dtype)
+    # Under `accelerate launch` every process trains; only the main one touches the run directory.
+    processes = distributed.start(policy.device)
+    processes.on_main(prepare_run_dir, run_dir, resume=resume, overwrite=overwrite)
+    if resume:
+        processes.on_main(require_same_recipe, run_dir, recipe.resolved_dict())
+    record = RunRecord(recipe.resolved_dict(), run_dir, writes=processes.is_main)
+    record.save()  # run.json from the first moment: it marks the directory as a peftbench run
+    if processes.is_main:
+        from peftbench.library_output import quiet_progress_bars, run_log
+
+        quiet_progress_bars()  # transformers and datasets are imported by now
+        on_exit.enter_context(run_log(run_dir / "run.log"))  # library output, for this run
+        atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
+    ctx = RunContext(recipe=recipe, run_dir=run_dir, policy=policy, model_source="", resume=resume, record=record.data)
+    record.data["meta_info"] = {"model_id": recipe.recipe.model.name, "package_info": package_versions(),
+                                "system_info": system_info(policy), "policy_substitutions": policy.substitutions}
+    return RunState(recipe=recipe, ctx=ctx, record=record, processes=processes)
+
+
+def load_data(run: RunState) -> None:
+    r, policy = run.r, run.ctx.policy
+    with run.record.stage("data") as st, run.processes.main_first():
+        run.data = run.recipe.dataset.load(run.recipe.dataset_options, r.seed)
+        if not {"validation", "test"} & set(run.data.splits):
+            raise PeftbenchError("the dataset has only a train split, and peftbench evaluates on a test or validation split.",
+                                 "add validation.jsonl (or test.jsonl) beside train.jsonl, in the same format.")
+        split_name = r.evaluation.split if r.evaluation.split in run.data.splits else "validation"
+        if split_name != r.evaluation.split:
+            policy.note(f"evaluation split {r.evaluation.split} -> validation: the dataset has no {r.evaluation.split} split")
+        split = run.data.splits[split_name]
+        if r.evaluation.max_samples:
+            split = split.select(range(min(r.evaluation.max_samples, len(split))))
+        run.eval_split = run.ctx.eval_dataset = split
+        run.record.data["meta_info"]["dataset_info"] = {"name": run.recipe.dataset.name, **run.data.stats,
+                                                        "eval_split": split_name, "eval_rows": len(split)}
+        st["rows"] = run.data.stats.get("rows")
+
+
+def load_base_model(run: RunState) -> None:
+    r, ctx = run.r, run.ctx
+    with run.record.stage("model"), run.processes.main_first():  # a GGUF is dequantised into the cache once
+        ctx.model_source = resolve_model_source(r.model.name, r.model.gguf_file)
+        ctx.tokenizer = load_tokenizer(ctx.model_source, r.model.trust_remote_code, r.model.revision)
+        run.base = ctx.load_base_model()
+
+
+def evaluate_baseline(run: RunState) -> None:
+    if run.r.evaluation.baseline and run.processes.is_main:
+        with run.record.stage("baseline_eval"), out_of_memory_as_error("baseline_eval", run.recipe):
+            baseline = evaluate_with_progress("baseline", run.base, run.ctx.tokenizer, run.recipe, run.eval_split)
+            run.record.data["eval"]["baseline"] = baseline.as_record()
+            _write_predictions(run.ctx.run_dir / "predictions_baseline.jsonl", run.eval_split, baseline.predictions)
+    run.processes.wait_for_everyone()  # the others wait while the main process scores the base model
+
+
+def apply_method(run: RunState) -> None:
+    recipe, ctx, record = run.recipe, run.ctx, run.record.data
+    with run.record.stage("method"):
+        from transformers import set_seed
+
+        set_seed(run.r.seed)  # the method's initialisation (LoRA's A matrices, prefixes) is part of what the seed fixes
+        ctx.model = recipe.method.apply(run.base, recipe.method_options, ctx)
+        trainable, total = count_parameters(ctx.model)
+        record["train_info"].update(num_trainable_params=trainable, num_total_params=total,
+                                    trainable_percent=round(100 * trainable / total, 4))
+        uses_peft = recipe.method.capabilities.uses_peft  # a peft.PeftModel, with the peft_config peft's tools read
+        record["run_info"]["peft_config"] = peft_config_record(ctx.model.peft_config) if uses_peft else None
+        console.print(f"{recipe.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
+
+
+def train(run: RunState) -> None:
+    from peftbench.pipeline.chat import tokenize_for_training
+
+    recipe, ctx, r = run.recipe, run.ctx, run.r
+    with run.record.stage("train"), out_of_memory_as_error("training", recipe):
+        with run.processes.main_first():  # datasets caches the tokenised splits: one process writes them
+            train_ds = tokenize_for_training(run.data.splits["train"], ctx.tokenizer, r.prompt)
+            val = run.data.splits.get("validation")
+            val_ds = tokenize_for_training(val, ctx.tokenizer, r.prompt) if val is not None else None
+        result = recipe.trainer.train(ctx.model, ctx.tokenizer, train_ds, val_ds, recipe.trainer_options, ctx)
+        run.train_rows = len(train_ds)
+        record_training(run.record.data["train_info"], result, run.processes.num_processes)
+
+
+def record_training(train_info: dict, result, num_processes: int) -> None:
+    """A TrainResult in run.json's train_info (peft's key names)."""
+    train_info.update(
+        status="success", train_time=round(result.train_time_s, 2), steps=result.steps,
+        tokens_seen=result.tokens_seen, tokens_per_second=round(result.tokens_seen / max(result.train_time_s, 1e-9), 1),
+        final_loss=result.final_loss, accelerator_memory_max=result.peak_memory_bytes, metrics=result.loss_history,
+        num_processes=num_processes, global_batch_size=result.global_batch_size,
+        **memory_summary(result.memory_samples),
+    )
+    if result.resumed_from_step is not None:
+        # Time, speed and peak memory of a resumed run cover only the steps after the checkpoint
+        # (none at all when it was the last): report them as unknown rather than wrong.
+        train_info.update(resumed_from_step=result.resumed_from_step, train_time=None,
+                          tokens_per_second=None, accelerator_memory_max=None)
+
+
+def save_adapter(run: RunState) -> None:
+    ctx = run.ctx
+    with run.record.stage("save_adapter"):
+        ensure_free_disk(ctx.run_dir, trainable_bytes(ctx.model), "the adapter")
+        with atomic_directory(ctx.adapter_dir) as tmp:  # a kill mid-save never leaves a half adapter
+            run.recipe.method.save(ctx.model, tmp)
+        run.record.data["train_info"]["file_size"] = dir_size(ctx.adapter_dir)
+
+
+def evaluate_finetuned(run: RunState) -> None:
+    ctx, record = run.ctx, run.record.data
+    with run.record.stage("finetuned_eval"), out_of_memory_as_error("finetuned_eval", run.recipe):
+        finetuned = evaluate_with_progress("fine-tuned", ctx.model, ctx.tokenizer, run.recipe, run.eval_split)
+        record["eval"]["finetuned"] = finetuned.as_record()
+        record["train_info"]["metrics"].append(peft_test_summary(record, train_rows=run.train_rows))
+        _write_predictions(ctx.run_dir / "predictions_finetuned.jsonl", run.eval_split, finetuned.predictions)
+
+
+def export(run: RunState) -> None:
+    """Each exporter in the recipe's order; a failed export is recorded and the run goes on."""
+    ctx = run.ctx
+    for exporter, options in run.recipe.exporters:
+        with run.record.stage(f"export:{exporter.name}", fatal=False) as st:
+            ensure_free_disk(ctx.exports_dir, exporter.estimated_bytes(options, ctx), f"the {exporter.name} export")
+            result = ctx.exports[exporter.name] = exporter.export(options, ctx)
+            run.record.data["exports"][exporter.name] = {"files": result.files, "sizes": result.sizes, **result.info}
+            run.record.data["eval"].update(result.scores)
+            if result.problems:
+                st.update(status="failed", error="; ".join(result.problems))
+                console.print(f"[red]export {exporter.name}:[/] {st['error']}")
+
+
+def finish(run: RunState) -> None:
+    run.record.data["run_info"]["status"] = "success"
+    # report.md before run.json says success: a kill in between leaves a run that --resume finishes.
+    atomic_write_text(run.ctx.run_dir / "report.md", render_run_report(run.record.data))
+    run.record.save()
+    print_run_summary(run.record.data, run.ctx.run_dir)
+
+
+def evaluate_with_progress(label: str, model, tokenizer, recipe: ResolvedRecipe, split):
+    with Progress(TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=False) as progress:
+        task = progress.add_task(label, total=len(split))
+        return evaluate_model(model, tokenizer, recipe.recipe.prompt, split, recipe.recipe.evaluation,
+                              progress=lambda n: progress.advance(task, n))
+
+
+def _write_predictions(path: Path, split, predictions: list[str]) -> None:
+    import json
+
+    lines = [json.dumps({"id": i, "prediction": p, "reference": s}, ensure_ascii=False)
+             for i, p, s in zip(split["id"], predictions, split["summary"])]
+    atomic_write_text(path, "\n".join(lines) + "\n")

@@ -1,0 +1,1 @@
+"""The built-in method plugins, one module each."""

@@ -1,0 +1,1 @@
+"""The built-in trainer plugin (hf) and the packing engine only it uses."""
