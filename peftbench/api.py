@@ -190,6 +190,10 @@ class ExporterPlugin:
 T = TypeVar("T")
 
 
+class DuplicatePluginName(PeftbenchError, ValueError):
+    """Two plugins registered the same name: which one a recipe means would depend on load order."""
+
+
 class Registry(Generic[T]):
     """Name -> plugin of one kind: the typed register object ``peftbench_register_*`` hooks receive.
 
@@ -212,8 +216,9 @@ class Registry(Generic[T]):
         if not name or not isinstance(name, str):
             raise TypeError(f"{self.kind} plugin {obj!r} has no name")
         if name in self._items:
-            raise ValueError(
-                f"{self.kind} '{name}' registered twice (by {self._origin[name]} and {self.current_plugin})"
+            raise DuplicatePluginName(
+                f"{self.kind} '{name}' registered twice (by {self._origin[name]} and {self.current_plugin}).",
+                f"uninstall one of the two, or choose which third-party plugins load with PEFTBENCH_PLUGINS=name,...",
             )
         self._items[name] = obj
         self._origin[name] = self.current_plugin

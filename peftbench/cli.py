@@ -133,6 +133,10 @@ def _cmd_plugins(args) -> int:
         impls = [h.name for h in host.pm.get_hookcallers(plugin) or []]
         hooks.add_row(plugin_name, ", ".join(sorted(impls)))
     console.print(hooks)
+    from peftbench.host import broken_plugins
+
+    for name, error in broken_plugins.items():
+        console.print(f"[red]broken plugin[/] {name}: {escape(error)}")
     return 0
 
 

@@ -15,6 +15,8 @@ import pluggy
 
 from peftbench import api
 from peftbench.api import DatasetPlugin, ExporterPlugin, MethodPlugin, Registry, TrainerPlugin
+from peftbench.console import console
+from peftbench.errors import PeftbenchError, did_you_mean
 
 DEFAULT_PLUGINS = (
     "peftbench_plugins.datasets",
@@ -61,6 +63,10 @@ def _allowed_third_party() -> set[str] | None:
     return {p.strip() for p in raw.split(",") if p.strip()}
 
 
+# Third-party plugins that failed to import in the last load: name -> error (`peftbench plugins` shows them).
+broken_plugins: dict[str, str] = {}
+
+
 def make_plugin_manager(load_entry_points: bool = True, extra_plugins=()) -> pluggy.PluginManager:
     import importlib
     from importlib.metadata import entry_points
@@ -69,14 +75,31 @@ def make_plugin_manager(load_entry_points: bool = True, extra_plugins=()) -> plu
     pm.add_hookspecs(api)
     for module_name in DEFAULT_PLUGINS:
         pm.register(importlib.import_module(module_name), name=module_name)
+    broken_plugins.clear()
     if load_entry_points and os.environ.get("PEFTBENCH_LOAD_ENTRY_POINTS", "1") != "0":
         allowed = _allowed_third_party()
-        for ep in entry_points(group=ENTRY_POINT_GROUP):
+        installed = list(entry_points(group=ENTRY_POINT_GROUP))
+        unknown = sorted((allowed or set()) - {ep.name for ep in installed})
+        if unknown:
+            names = [ep.name for ep in installed]
+            raise PeftbenchError(
+                f"PEFTBENCH_PLUGINS names {', '.join(repr(n) for n in unknown)}, which "
+                f"{'is' if len(unknown) == 1 else 'are'} not installed.{did_you_mean(unknown[0], names)}",
+                f"installed third-party plugins: {', '.join(names) or 'none'}; fix the name or unset PEFTBENCH_PLUGINS.")
+        for ep in installed:
             if allowed is not None and ep.name not in allowed:
                 continue
             if pm.has_plugin(ep.name) or ep.value in DEFAULT_PLUGINS:
                 continue
-            pm.register(ep.load(), name=ep.name)
+            try:
+                plugin = ep.load()
+            except Exception as e:  # a broken third-party plugin must not break every command
+                broken_plugins[ep.name] = f"{type(e).__name__}: {e}".splitlines()[0]
+                console.print(f"[yellow]warning:[/] plugin '{ep.name}' ({ep.value}) failed to load and is skipped: "
+                              f"{broken_plugins[ep.name]}. Fix: reinstall or uninstall it, or leave it out with "
+                              "PEFTBENCH_PLUGINS=name,...", soft_wrap=True)
+                continue
+            pm.register(plugin, name=ep.name)
     for plugin in extra_plugins:
         pm.register(plugin)
     pm.check_pending()

@@ -157,7 +157,7 @@ def installed_plugins(monkeypatch):
     return entry_points
 
 
-@pytest.mark.parametrize("setting, loaded", [(None, {"alpha", "beta"}), ("beta", {"beta"}), (" alpha , gamma ", {"alpha"}),
+@pytest.mark.parametrize("setting, loaded", [(None, {"alpha", "beta"}), ("beta", {"beta"}), (" alpha , beta ", {"alpha", "beta"}),
                                               ("", set())])
 def test_peftbench_plugins_restricts_third_party_plugins(installed_plugins, monkeypatch, setting, loaded):
     if setting is not None:
@@ -166,3 +166,59 @@ def test_peftbench_plugins_restricts_third_party_plugins(installed_plugins, monk
     assert {name for name, ep in installed_plugins.items() if ep.loaded} == loaded, "excluded plugins are never imported"
     assert {n.removesuffix("_method") for n in host.methods.names() if n.endswith("_method")} == loaded
     assert {"lora", "qlora"} <= set(host.methods.names()), "built-in plugins always load"
+
+
+def test_a_misspelt_plugin_name_in_peftbench_plugins_is_one_line(installed_plugins, monkeypatch, capsys):
+    """Issue 17, case 12: it was silently ignored."""
+    from peftbench.host import reset_host
+
+    monkeypatch.setenv("PEFTBENCH_PLUGINS", "alpha,betta")
+    reset_host()
+    try:
+        assert main(["methods"]) == 2
+        out = " ".join(capsys.readouterr().out.split())
+        assert "PEFTBENCH_PLUGINS names 'betta', which is not installed. Did you mean 'beta'?" in out
+        assert "installed third-party plugins: alpha, beta" in out
+    finally:
+        reset_host()
+
+
+def test_a_plugin_that_fails_on_import_is_skipped_with_a_warning(installed_plugins, monkeypatch, capsys):
+    """Issue 17, case 12: a broken third-party plugin broke every command, `peftbench plugins` too."""
+    from peftbench.host import reset_host
+
+    def broken():
+        raise ImportError("No module named 'torchtune_extras'")
+
+    installed_plugins["beta"].load = broken
+    reset_host()
+    try:
+        assert main(["plugins"]) == 0
+        out = " ".join(capsys.readouterr().out.split())
+        assert "warning: plugin 'beta' (beta_package.plugin) failed to load and is skipped" in out
+        assert "broken plugin beta: ImportError: No module named 'torchtune_extras'" in out
+        assert "alpha_method" in out  # the others still load
+    finally:
+        reset_host()
+
+
+def test_a_duplicate_plugin_name_is_one_line(monkeypatch, capsys):
+    import peftbench.host as host
+
+    class Again(MethodPlugin):
+        name = "lora"
+
+    class Dup:
+        @hookimpl
+        def peftbench_register_methods(self, register):
+            register(Again)
+
+    host._extra_plugins.append(Dup())
+    host.reset_host()
+    try:
+        assert main(["methods"]) == 2
+        out = " ".join(capsys.readouterr().out.split())
+        assert "method 'lora' registered twice" in out and "Fix: uninstall one of the two" in out and "Traceback" not in out
+    finally:
+        host._extra_plugins.clear()
+        host.reset_host()
