@@ -373,3 +373,29 @@ def test_failed_export_and_resumed_run_are_named_in_the_notes(tmp_path):
     assert "ia3 was resumed from step 900: its train time, tokens/s and peak memory are unknown" in markdown
     rows = table_rows(markdown)
     assert rows["lora"]["ROUGE-1 (Δ base)"].startswith("**31.20") and rows["ia3"]["train time"] == "—"
+
+
+def test_report_refuses_bad_inputs_and_outputs_in_one_line(tmp_path, capsys):
+    import json
+
+    """Issue 17, case 11: a run.json of the wrong shape and -o at a folder were tracebacks; -o at an
+    existing run.json overwrote it."""
+    from peftbench.cli import main
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "run.json").write_text("[]")
+    good = tmp_path / "good"
+    good.mkdir()
+    (good / "run.json").write_text(json.dumps(fake_record("lora", "lora", rouge1=40.0)))
+    before = (good / "run.json").read_text()
+    cases = [
+        (["report", str(bad), "-o", str(tmp_path / "r.md")], "is not a peftbench run record"),
+        (["report", str(good), "-o", str(tmp_path)], "is a folder"),
+        (["report", str(good), "-o", str(good / "run.json")], "is not a Markdown file (.md)"),
+    ]
+    for argv, expected in cases:
+        assert main(argv) == 2, argv
+        out = " ".join(capsys.readouterr().out.split())
+        assert expected in out and "Traceback" not in out, out
+    assert (good / "run.json").read_text() == before and not (tmp_path / "r.md").exists()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 
 import json
+import os
 import re
 import statistics
 from dataclasses import dataclass, field
@@ -78,8 +79,11 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
     runs = []
     for run_dir in find_run_dirs(paths):
         try:
-            runs.append(Run(read_json(run_dir / "run.json")))
-        except (json.JSONDecodeError, KeyError) as e:
+            record = read_json(run_dir / "run.json")
+            if not isinstance(record, dict) or not isinstance(record.get("run_info"), dict):
+                raise KeyError("run_info")
+            runs.append(Run(record))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise PeftbenchError(f"'{run_dir / 'run.json'}' is not a peftbench run record ({e}).",
                                  "pass directories written by `peftbench run`.") from None
     return runs
@@ -488,8 +492,19 @@ def _save(plt, fig, ax, title: str, path: Path) -> str:
 def write_report(paths: list[str | Path], output: str | Path, *, command: str = "", title: str | None = None) -> Path:
     """Load the runs under ``paths``, write the plots and the Markdown report at ``output``."""
     output = Path(output)
+    if output.is_dir():
+        raise PeftbenchError(f"-o '{output}' is a folder.", "pass the Markdown file to write, e.g. -o reports/compare.md.")
+    if output.suffix.lower() != ".md":
+        raise PeftbenchError(f"-o '{output}' is not a Markdown file (.md); a report never replaces other files "
+                             "(a run.json, say).", "pass a .md path, e.g. -o reports/compare.md.")
     runs = load_runs(paths)
-    output.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        output.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(output.parent, os.W_OK):
+            raise PermissionError(13, "not writable")
+    except OSError as e:
+        raise PeftbenchError(f"cannot write the report into '{output.parent}': {e.strerror}.",
+                             "pass -o with a path you can write to.") from None
     plots = write_plots(runs, output.parent, output.stem)
     title = title or f"peftbench comparison: {output.stem}"
     atomic_write_text(output, render_markdown(runs, title=title, command=command, plots=plots))
