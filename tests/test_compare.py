@@ -376,10 +376,10 @@ def test_failed_export_and_resumed_run_are_named_in_the_notes(tmp_path):
 
 
 def test_report_refuses_bad_inputs_and_outputs_in_one_line(tmp_path, capsys):
-    import json
-
     """Issue 17, case 11: a run.json of the wrong shape and -o at a folder were tracebacks; -o at an
     existing run.json overwrote it."""
+    import json
+
     from peftbench.cli import main
 
     bad = tmp_path / "bad"
