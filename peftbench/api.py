@@ -190,6 +190,21 @@ class ExporterPlugin:
 T = TypeVar("T")
 
 
+def wrap_with_peft(model, peft_config):
+    """``peft.get_peft_model``, with peft's "Target modules ... not found in the base model" as one
+    line that says where the names go (peft raises a ValueError only once the model is built)."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as e:
+        if "not found in the base model" not in str(e):
+            raise
+        raise PeftbenchError(f"{str(e).splitlines()[0].split('. Please')[0]} ({type(model).__name__}).",
+                             "set method.target_modules to names of the model's linear layers "
+                             "(for Llama-like models: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).") from None
+
+
 class DuplicatePluginName(PeftbenchError, ValueError):
     """Two plugins registered the same name: which one a recipe means would depend on load order."""
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from peftbench.api import Capabilities, MethodPlugin, Options
+from peftbench.api import Capabilities, MethodPlugin, Options, wrap_with_peft
 from peftbench.errors import PeftbenchError
 from peftbench.api import hookimpl
 from peftbench.pipeline.modeling import four_bit_config
@@ -73,11 +73,11 @@ class Ia3(MethodPlugin):
         )
 
     def apply(self, model, options: Ia3Options, ctx):
-        from peft import get_peft_model, prepare_model_for_kbit_training
+        from peft import prepare_model_for_kbit_training
 
         if options.load_in_4bit:
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-        return get_peft_model(model, self.peft_config(options, model.config))
+        return wrap_with_peft(model, self.peft_config(options, model.config))
 
     def merge(self, model, options, ctx):
         """Fold the saved adapter into a fresh full-precision base. The adapter must be saved first

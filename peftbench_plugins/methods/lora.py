@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftbench.api import Capabilities, MethodPlugin, Options
+from peftbench.api import Capabilities, MethodPlugin, Options, wrap_with_peft
 from peftbench.api import hookimpl
 from peftbench.pipeline.targets import resolve_targets, targets_for
 
@@ -46,9 +46,7 @@ class Lora(MethodPlugin):
         )
 
     def apply(self, model, options: LoraOptions, ctx):
-        from peft import get_peft_model
-
-        return get_peft_model(model, self.peft_config(options, model))
+        return wrap_with_peft(model, self.peft_config(options, model))
 
     def merge(self, model, options, ctx):
         return model.merge_and_unload()
