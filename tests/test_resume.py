@@ -255,3 +255,52 @@ def test_resume_with_a_changed_recipe_is_refused_in_one_line(write_recipe, tmp_p
         out = " ".join(capsys.readouterr().out.split())
         assert "--resume with a recipe that differs from the run's" in out and shown in out, out
     assert read_json(run_dir / "run.json") == record
+
+
+# What a SIGKILL at a chosen moment does: the run's own process dies there, with no chance to clean up.
+KILL_DURING = {
+    # inside the adapter's atomic directory, after the method wrote its files
+    "adapter save": ("peftbench_plugins.methods.lora", "Lora.save",
+                     "lambda original: lambda self, model, directory: (original(self, model, directory), "
+                     "os.kill(os.getpid(), signal.SIGKILL))"),
+    # while report.md is written (run.json does not yet say success)
+    "report.md": ("peftbench.pipeline.runner", "render_run_report",
+                  "lambda original: lambda record: os.kill(os.getpid(), signal.SIGKILL)"),
+}
+
+
+def _run_killed_during(moment: str, recipe: Path, run_dir: Path) -> None:
+    module, attribute, wrapper = KILL_DURING[moment]
+    owner, _, name = attribute.rpartition(".")
+    script = (
+        "import importlib, os, signal, sys\n"
+        f"module = importlib.import_module({module!r})\n"
+        f"owner = getattr(module, {owner!r}) if {owner!r} else module\n"
+        f"setattr(owner, {name!r}, ({wrapper})(getattr(owner, {name!r})))\n"
+        "from peftbench.cli import main\n"
+        f"sys.exit(main(['run', {str(recipe)!r}, '--output-dir', {str(run_dir)!r}]))\n"
+    )
+    killed = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stdout[-2000:] + killed.stderr[-2000:]
+
+
+@pytest.mark.parametrize("moment", sorted(KILL_DURING))
+def test_a_kill_during_the_adapter_save_or_the_report_resumes_to_the_uninterrupted_run(moment, resume_recipe, tmp_path):
+    """Issue 17's done-when: after a kill at these moments, --resume gives the same adapter, step count
+    and recorded losses as an uninterrupted run, and leaves no temporary files."""
+    killed = tmp_path / "killed"
+    _run_killed_during(moment, resume_recipe, killed)
+    assert read_json(killed / "run.json")["run_info"]["status"] == "running"
+    assert main(["run", str(resume_recipe), "--output-dir", str(killed), "--resume"]) == 0
+    uninterrupted = tmp_path / "uninterrupted"
+    assert main(["run", str(resume_recipe), "--output-dir", str(uninterrupted)]) == 0
+
+    resumed, reference = read_json(killed / "run.json"), read_json(uninterrupted / "run.json")
+    assert resumed["run_info"]["status"] == "success" and (killed / "report.md").is_file()
+    assert resumed["train_info"]["steps"] == reference["train_info"]["steps"] == 4
+    assert [m["loss"] for m in resumed["train_info"]["metrics"] if "loss" in m] == \
+        [m["loss"] for m in reference["train_info"]["metrics"] if "loss" in m]
+    got, expected = _adapter(killed), _adapter(uninterrupted)
+    assert got.keys() == expected.keys()
+    assert max((got[k] - expected[k]).abs().max().item() for k in got) <= TOLERANCE
+    assert not list(killed.glob(".*.tmp")) and not list(killed.glob(".*.old"))
