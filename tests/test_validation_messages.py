@@ -37,6 +37,8 @@ def _one_error_line(capsys) -> str:
     (["prompt.template=no placeholder"], "prompt.template: Value error, must contain the placeholder {dialogue}"),
     # Issue 17, case 7: transformers checks these only when training starts, after run.json is written.
     (["trainer.optim=bogus"], "trainer.optim: Value error, unknown transformers optimiser 'bogus'; known: adamw_torch,"),
+    (["trainer.save_steps=7", "trainer.logging_steps=5"], "trainer.save_steps: Value error, must be a multiple of "
+                                                           "trainer.logging_steps (5)"),
     (["trainer.lr_scheduler=cosin"], "trainer.lr_scheduler: Value error, unknown transformers scheduler 'cosin'; "
                                      "did you mean 'cosine'?"),
 ])

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 
 from peftbench.pipeline.bnb_cpu import unpack_all
 from peftbench.api import Options, TrainerPlugin, TrainResult
@@ -50,6 +50,17 @@ class HfTrainerOptions(Options):
         default_factory=list,
         description="experiment trackers the Trainer logs to (must be installed); tensorboard writes to checkpoints/runs/",
     )
+
+    @field_validator("save_steps")
+    @classmethod
+    def _checkpoints_at_loss_logs(cls, save_steps: int, info: ValidationInfo) -> int:
+        # The Trainer's logged loss averages the steps since the last log; a run resumed from a checkpoint
+        # between two logs would record an average over fewer steps than the uninterrupted run does.
+        logging_steps = info.data.get("logging_steps")
+        if logging_steps and save_steps % logging_steps:
+            raise ValueError(f"must be a multiple of trainer.logging_steps ({logging_steps}), so that a resumed run "
+                             "records the same losses as an uninterrupted one")
+        return save_steps
 
     @field_validator("optim")
     @classmethod
