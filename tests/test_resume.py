@@ -304,3 +304,24 @@ def test_a_kill_during_the_adapter_save_or_the_report_resumes_to_the_uninterrupt
     assert got.keys() == expected.keys()
     assert max((got[k] - expected[k]).abs().max().item() for k in got) <= TOLERANCE
     assert not list(killed.glob(".*.tmp")) and not list(killed.glob(".*.old"))
+
+
+def test_a_full_disk_during_a_checkpoint_is_one_line_and_recorded(write_recipe, tmp_path, monkeypatch, capsys):
+    """Issue 17, case 10: disk full while the Trainer writes a checkpoint was a traceback, and run.json
+    stayed 'running' with an empty error."""
+    import errno
+
+    from transformers import Trainer
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "_save_checkpoint", no_space)
+    recipe = write_recipe({"name": "lora", "r": 2}, evaluation={"baseline": False, "max_samples": 1, "max_new_tokens": 2})
+    run_dir = tmp_path / "run"
+    assert main(["run", str(recipe), "--output-dir", str(run_dir), "trainer.max_steps=2"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "the disk is full during training" in out and "No space left on device" in out and "--resume" in out
+    assert "Traceback" not in out
+    record = read_json(run_dir / "run.json")
+    assert record["run_info"]["status"] == "failed" and "the disk is full during training" in record["run_info"]["error_msg"]

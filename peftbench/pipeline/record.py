@@ -57,7 +57,10 @@ class RunRecord:
             if fatal or not isinstance(e, Exception):
                 self.data["run_info"]["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) else "failed"
                 self.data["run_info"]["error_msg"] = entry["error"]
-                self.save()
+                try:
+                    self.save()
+                except OSError as save_error:  # a full disk cannot take run.json either: the error still goes up
+                    console.print(f"[red]could not record the failure in {RECORD_FILE}:[/] {save_error.strerror}")
                 raise
             console.print(f"[red]stage {name} {entry['status']}:[/] {entry['error']} (the run goes on)")
         else:

@@ -88,6 +88,22 @@ def out_of_memory_as_error(stage: str, recipe=None):
         raise PeftbenchError(f"out of GPU memory during {stage} ({first_line}).", _lean_fix(stage, recipe)) from None
 
 
+@contextmanager
+def disk_full_as_error(stage: str, where):
+    """Turn "No space left on device" (a checkpoint, the adapter) into a PeftbenchError with a fix."""
+    import errno
+
+    try:
+        yield
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise PeftbenchError(
+            f"the disk is full during {stage} ({human_bytes(free_bytes(where))} free at {where}): {e.strerror}.",
+            "free space (or lower trainer.save_total_limit, or use --output-dir on a larger disk), "
+            "then run the same command with --resume.") from None
+
+
 def _lean_fix(stage: str, recipe) -> str:
     if stage.endswith("eval"):
         size = recipe.recipe.evaluation.batch_size if recipe is not None else 16

@@ -30,7 +30,8 @@ from peftbench.pipeline.recipe import ResolvedRecipe
 from peftbench.pipeline.record import (RunRecord, default_run_dir as run_dir_for, memory_summary, peft_config_record,
                                        peft_test_summary, recorded_status)
 from peftbench.pipeline.report import print_run_summary, render_run_report
-from peftbench.pipeline.resources import count_parameters, ensure_free_disk, out_of_memory_as_error, trainable_bytes
+from peftbench.pipeline.resources import (count_parameters, disk_full_as_error, ensure_free_disk, out_of_memory_as_error,
+                                          trainable_bytes)
 
 
 def default_run_dir(recipe: ResolvedRecipe) -> Path:
@@ -287,7 +288,7 @@ def train(run: RunState) -> None:
     from peftbench.pipeline.chat import tokenize_for_training
 
     recipe, ctx, r = run.recipe, run.ctx, run.r
-    with run.record.stage("train"), out_of_memory_as_error("training", recipe):
+    with run.record.stage("train"), out_of_memory_as_error("training", recipe), disk_full_as_error("training", ctx.run_dir):
         with run.processes.main_first():  # datasets caches the tokenised splits: one process writes them
             train_ds = tokenize_for_training(run.data.splits["train"], ctx.tokenizer, r.prompt)
             val = run.data.splits.get("validation")
@@ -315,7 +316,7 @@ def record_training(train_info: dict, result, num_processes: int) -> None:
 
 def save_adapter(run: RunState) -> None:
     ctx = run.ctx
-    with run.record.stage("save_adapter"):
+    with run.record.stage("save_adapter"), disk_full_as_error("the adapter save", ctx.run_dir):
         ensure_free_disk(ctx.run_dir, trainable_bytes(ctx.model), "the adapter")
         with atomic_directory(ctx.adapter_dir) as tmp:  # a kill mid-save never leaves a half adapter
             run.recipe.method.save(ctx.model, tmp)
