@@ -195,9 +195,10 @@ def test_data_that_cannot_be_used_is_named_and_leaves_no_run_directory(write_rec
 def test_target_modules_the_model_does_not_have_are_one_line(write_recipe, tmp_path, capsys):
     """Issue 17, case 7: peft's ValueError was a traceback."""
     run_dir = tmp_path / "run"
-    code = main(["run", str(write_recipe({"name": "lora", "r": 2, "target_modules": ["no_such_proj"]},
-                                         evaluation={"baseline": False, "max_samples": 1})),
+    code = main(["run", str(write_recipe({"name": "lora", "r": 2, "target_modules": ["q_proj", "no_such_proj"]},
+                                         evaluation={"max_samples": 1})),
                  "--output-dir", str(run_dir)])
     out = " ".join(capsys.readouterr().out.split())
-    assert code == 2 and "Target modules {'no_such_proj'} not found in the base model" in out, out
-    assert "Fix: set method.target_modules to names of the model's linear layers" in out and "Traceback" not in out
+    assert code == 2 and "method.target_modules names ['no_such_proj'], which LlamaForCausalLM does not have" in out, out
+    assert "Fix: use names of its modules, e.g." in out and "q_proj" in out and "Traceback" not in out
+    assert not run_dir.exists()  # found before the baseline evaluation: the run never started

@@ -258,6 +258,22 @@ def load_base_model(run: RunState) -> None:
         ctx.model_source = resolve_model_source(r.model.name, r.model.gguf_file)
         ctx.tokenizer = load_tokenizer(ctx.model_source, r.model.trust_remote_code, r.model.revision)
         run.base = ctx.load_base_model()
+        require_targets_exist(run.base, getattr(run.recipe.method_options, "target_modules", None))
+
+
+def require_targets_exist(model, targets) -> None:
+    """Named target modules must exist in the model: checked before the baseline evaluation, so a
+    misspelt name costs seconds, not a baseline run (peft checks only when the method is applied)."""
+    from peftbench.pipeline.targets import module_matches
+
+    if not isinstance(targets, (list, tuple)):
+        return  # the architecture's default, or "all-linear"
+    names = [name for name, _ in model.named_modules()]
+    missing = [t for t in targets if not any(module_matches(name, t) for name in names)]
+    if missing:
+        leaves = sorted({name.rsplit(".", 1)[-1] for name in names if "." in name and not name.rsplit(".", 1)[-1].isdigit()})
+        raise PeftbenchError(f"method.target_modules names {missing}, which {type(model).__name__} does not have.",
+                             f"use names of its modules, e.g. {', '.join(leaves[:12])}.")
 
 
 def evaluate_baseline(run: RunState) -> None:
