@@ -6,6 +6,7 @@ Problems the user can fix (PeftbenchError) print as one line and exit with code 
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from contextlib import contextmanager
@@ -15,7 +16,7 @@ from rich.markup import escape
 
 from peftbench import __version__
 from peftbench.console import console
-from peftbench.errors import PeftbenchError
+from peftbench.errors import ERROR_FILE_ENV, PeftbenchError
 
 EXIT_USAGE = 2
 
@@ -266,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         # and keep it on one line.
         problem, fix = (escape(" ".join(str(part).splitlines())) for part in (e.problem, e.fix or ""))
         console.print(f"[bold red]error:[/] {problem}" + (f" [bold]Fix:[/] {fix}" if fix else ""), soft_wrap=True)
+        if os.environ.get(ERROR_FILE_ENV):  # a parent (a comparison) records why this run never started
+            Path(os.environ[ERROR_FILE_ENV]).write_text(" ".join(str(e).splitlines()), encoding="utf-8")
         return EXIT_USAGE
     except KeyboardInterrupt:
         console.print("[red]interrupted[/] (resume with --resume)")

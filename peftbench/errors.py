@@ -20,3 +20,8 @@ class PeftbenchError(Exception):
 
 class StageRefused(PeftbenchError):
     """A stage declines to run for this configuration (e.g. GGUF export of a non-mergeable method)."""
+
+
+# Set by a parent process (a comparison runs each run as `peftbench run` in a child): where the child
+# writes its one-line error, since a run that fails on its input leaves no run directory to read it from.
+ERROR_FILE_ENV = "PEFTBENCH_ERROR_FILE"

@@ -3,6 +3,7 @@ that run alone) into ``<output_dir>/<run name>/``, past failures, then the repor
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +13,7 @@ import yaml
 from peftbench.compare.plan import Comparison, PlannedRun
 from peftbench.compare.report import write_report
 from peftbench.console import console
-from peftbench.errors import PeftbenchError
+from peftbench.errors import ERROR_FILE_ENV, PeftbenchError
 from peftbench.files import atomic_write_json, atomic_write_text, read_json
 from peftbench.pipeline.record import new_record, recorded_status
 
@@ -50,10 +51,12 @@ def run_comparison(comparison: Comparison, *, resume: bool = False, overwrite: b
             atomic_write_text(recipe_path, yaml.safe_dump(run.raw, sort_keys=False))
             flag = ["--overwrite"] if overwrite else ["--resume"] if resume and existing else []
             cmd = [sys.executable, "-m", "peftbench", "run", str(recipe_path), "--output-dir", str(run_dir), *flag, *child_args]
-            returncode = subprocess.call(cmd)
+            error_file = recipes_dir / f"{run.name}.error"
+            error_file.unlink(missing_ok=True)
+            returncode = subprocess.call(cmd, env={**os.environ, ERROR_FILE_ENV: str(error_file)})
             if returncode != 0:
                 console.print(f"[red]{run.name} failed[/] (exit code {returncode}); the comparison goes on")
-        records.append(_annotate(run_dir, run))
+        records.append(_annotate(run_dir, run, recipes_dir / f"{run.name}.error"))
 
     write_report([comparison.output_dir / r.name for r in comparison.runs], comparison.report_path, command=command)
     failed = [r["run_info"]["experiment_name"] for r in records if r["run_info"]["status"] != "success"]
@@ -62,7 +65,7 @@ def run_comparison(comparison: Comparison, *, resume: bool = False, overwrite: b
     return records
 
 
-def _annotate(run_dir: Path, run: PlannedRun) -> dict:
+def _annotate(run_dir: Path, run: PlannedRun, error_file: Path) -> dict:
     """Record the run's place in the comparison in its run.json; a run that died before writing one
     (killed, or refused at start) gets a failed record so the report still shows it."""
     path = run_dir / "run.json"
@@ -71,7 +74,9 @@ def _annotate(run_dir: Path, run: PlannedRun) -> dict:
     else:
         record = new_record(run.raw, experiment_name=run.name)
         record["train_info"]["status"] = "failed"
-        record["run_info"].update(status="failed", error_msg="the run ended before writing run.json (see its output above)")
+        error = error_file.read_text(encoding="utf-8") if error_file.is_file() else \
+            "the run ended before writing run.json (see its output above)"
+        record["run_info"].update(status="failed", error_msg=error)
     record["run_info"]["comparison"] = run.annotation()
     atomic_write_json(path, record)
     return record
