@@ -83,7 +83,7 @@ def prepare_run_dir(run_dir: Path, *, resume: bool, overwrite: bool, claim: bool
                 raise PeftbenchError(f"run '{run_dir}' already finished.", "use --overwrite to run it again, or --output-dir for a new run.")
             if claim:  # what a killed atomic write left behind (.adapter.XXXX.tmp, .run.json.XXXX.tmp)
                 for stale in [*run_dir.glob(".*.tmp"), *run_dir.glob(".*.old")]:
-                    shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+                    _delete(stale)
         else:
             what = "holds a finished run" if status == "success" else f"holds an unfinished run ({status})"
             raise PeftbenchError(
@@ -156,11 +156,15 @@ def _never_started(run_dir: Path) -> bool:
     return set(stages) <= set(INPUT_STAGES)
 
 
+def _delete(entry: Path) -> None:
+    shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+
+
 def _remove_run_files(run_dir: Path, keep_dir: bool = False) -> None:
     """Delete what a run writes (RUN_ENTRIES) and nothing else; the directory too once it is empty."""
     for entry in run_dir.iterdir():
         if _is_run_entry(entry.name):
-            shutil.rmtree(entry) if entry.is_dir() and not entry.is_symlink() else entry.unlink()
+            _delete(entry)
     if not keep_dir and not any(run_dir.iterdir()):
         run_dir.rmdir()
 
