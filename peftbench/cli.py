@@ -29,6 +29,9 @@ def _cmd_run(args) -> int:
 
     if is_comparison_file(args.recipe):
         return _run_comparison(args)
+    if args.jobs is not None:
+        raise PeftbenchError(f"--jobs runs the runs of a comparison side by side, and '{args.recipe}' is a single run.",
+                             "drop --jobs, or pass a comparison recipe (one with base: and methods:).")
     if args.num_processes is not None and args.num_processes < 1:
         raise PeftbenchError(f"--num-processes {args.num_processes} is not a number of processes.", "pass 1 or more.")
     recipe = load_recipe(args.recipe, args.overrides)
@@ -57,7 +60,8 @@ def _run_comparison(args) -> int:
     command = shlex.join(["peftbench", "run", args.recipe, *args.overrides]
                          + (["--output-dir", args.output_dir] if args.output_dir else []))
     child_args = ["--num-processes", str(args.num_processes)] if args.num_processes else []
-    records = run_comparison(comparison, resume=args.resume, overwrite=args.overwrite, command=command, child_args=child_args)
+    records = run_comparison(comparison, resume=args.resume, overwrite=args.overwrite, command=command,
+                             child_args=child_args, jobs=args.jobs or 1)
     return 0 if all(r["run_info"]["status"] == "success" for r in records) else 1
 
 
@@ -104,8 +108,11 @@ def _cmd_validate(args) -> int:
 
     if is_comparison_file(args.recipe):
         comparison = load_comparison(args.recipe, args.overrides)
-        console.print(f"[green]ok[/] {args.recipe}: {len(comparison.runs)} runs ({', '.join(r.name for r in comparison.runs)}) "
-                      f"into {comparison.output_dir}, report {comparison.report_path}")
+        then = (f", then the chosen setting of each method per seed ({len(next(iter(comparison.candidates.values())))} runs each)"
+                if comparison.search else "")
+        console.print(f"[green]ok[/] {args.recipe}: {len(comparison.runs)} {'search ' if comparison.search else ''}runs "
+                      f"({', '.join(r.name for r in comparison.runs)}){then} into {comparison.output_dir}, "
+                      f"report {comparison.report_path}")
         return 0
     recipe = load_recipe(args.recipe, args.overrides)
     console.print(f"[green]ok[/] {args.recipe}: dataset {recipe.dataset.name}, method {recipe.method.name}, "
@@ -198,6 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     existing.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
     run.add_argument("--num-processes", type=int, metavar="N",
                      help="train data-parallel in N processes, one per GPU, started by `accelerate launch`")
+    run.add_argument("--jobs", type=int, metavar="N",
+                     help="comparison recipes: run N runs at a time, each its own process (a small model leaves a large "
+                          "GPU mostly idle); each run's output goes to <output_dir>/recipes/<run>.out")
     run.set_defaults(func=_cmd_run)
 
     validate = sub.add_parser("validate", help="check a recipe (keys, types, plugins, files) without running it")

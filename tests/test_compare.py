@@ -399,3 +399,66 @@ def test_report_refuses_bad_inputs_and_outputs_in_one_line(tmp_path, capsys):
         out = " ".join(capsys.readouterr().out.split())
         assert expected in out and "Traceback" not in out, out
     assert (good / "run.json").read_text() == before and not (tmp_path / "r.md").exists()
+
+
+# --- search, then seeds ----------------------------------------------------------------------------
+
+
+def test_a_search_is_planned_on_a_split_carved_from_train(tmp_path, base_file):
+    path = write_comparison(tmp_path, base=str(base_file), seeds=[1, 2], search={"selection_size": 4},
+                            methods=[{"method": "lora", "grid": {"trainer.learning_rate": [1e-4, 1e-3]}}, "bitfit"],
+                            grid={"trainer.warmup_steps": [0]})
+    comparison = load_comparison(path, overrides=["evaluation.split=validation"])
+    assert [r.name for r in comparison.runs] == ["search/lora-warmup_steps0-learning_rate0.0001",
+                                                 "search/lora-warmup_steps0-learning_rate0.001", "search/bitfit-warmup_steps0"]
+    for run in comparison.runs:
+        assert run.phase == "search" and run.seed == 1, "one run per grid point, with the first seed"
+        assert run.raw["evaluation"]["split"] == "selection" and run.raw["evaluation"]["selection_size"] == 4
+        assert run.raw["evaluation"]["baseline"] is False
+    finals = comparison.candidates["lora-warmup_steps0-learning_rate0.001"]
+    assert [(r.name, r.raw["evaluation"]["split"]) for r in finals] == [
+        ("lora-warmup_steps0-learning_rate0.001-seed1", "validation"), ("lora-warmup_steps0-learning_rate0.001-seed2", "validation")]
+
+
+def test_a_search_on_the_reported_split_is_refused(tmp_path, base_file, capsys):
+    path = write_comparison(tmp_path, base=str(base_file), search={"split": "validation"},
+                            methods=[{"method": "lora", "grid": {"trainer.learning_rate": [1e-4, 1e-3]}}])
+    assert main(["validate", str(path), "evaluation.split=validation"]) == 2
+    out = capsys.readouterr()
+    assert "search.split 'validation' is the split this comparison reports" in out.out + out.err
+    assert "Traceback" not in out.out + out.err
+    no_grid = write_comparison(tmp_path, base=str(base_file), search={}, methods=["lora"])
+    with pytest.raises(PeftbenchError, match="no grid to search"):
+        load_comparison(no_grid)
+
+
+def test_search_then_seeds_end_to_end(tmp_path, base_file):
+    """Two learning rates searched on a selection split carved from train, the better one trained with
+    two seeds and scored on validation; two runs at a time; the report shows the search and the ties."""
+    path = write_comparison(tmp_path, base=str(base_file), seeds=[1, 2], search={"selection_size": 4},
+                            output_dir=str(tmp_path / "runs"), report=str(tmp_path / "cmp.md"),
+                            methods=[{"method": "lora", "grid": {"trainer.learning_rate": [1e-5, 5e-3]}}])
+    overrides = ["trainer.max_steps=2", "evaluation.max_samples=2", "evaluation.split=validation"]
+    assert main(["run", str(path), *overrides, "--jobs", "2"]) == 0
+    search = {d.name: read_json(d / "run.json") for d in (tmp_path / "runs" / "search").iterdir()}
+    assert set(search) == {"lora-learning_rate1e-05", "lora-learning_rate0.005"}
+    for record in search.values():
+        info = record["meta_info"]["dataset_info"]
+        assert info["eval_split"] == "selection" and info["rows"] == {"train": 12, "validation": 4, "test": 4, "selection": 4}
+        assert "baseline" not in record["eval"], "the search does not score the base model"
+    scores = {name: r["eval"]["finetuned"]["rouge1"] for name, r in search.items()}
+    best = max(scores, key=scores.get)  # the first of equals in grid order, as the comparison chooses
+    if scores["lora-learning_rate1e-05"] == scores["lora-learning_rate0.005"]:
+        best = "lora-learning_rate1e-05"
+    finals = sorted(d.name for d in (tmp_path / "runs").iterdir() if (d / "run.json").is_file())
+    assert finals == [f"{best}-seed1", f"{best}-seed2"], "only the chosen setting is trained per seed"
+    final = read_json(tmp_path / "runs" / f"{best}-seed1" / "run.json")
+    assert final["meta_info"]["dataset_info"]["eval_split"] == "validation"
+    assert final["meta_info"]["dataset_info"]["rows"]["train"] == 16, "the final runs train on the whole train split"
+    assert final["run_info"]["comparison"]["chosen_by"] == {"split": "selection", "metric": "rouge1",
+                                                           "value": scores[best], "search_run": f"search/{best}"}
+    assert (tmp_path / "runs" / "recipes" / f"{best}-seed2.out").is_file(), "side-by-side runs write their output to a file"
+    report = (tmp_path / "cmp.md").read_text()
+    assert "## Search" in report and "chosen |" in report and "## Ranking by ROUGE-1" in report
+    assert report.count("| lora |") == 2, "both searched points are listed"
+    assert (tmp_path / "cmp_search.png").is_file()

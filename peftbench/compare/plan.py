@@ -10,6 +10,14 @@ A comparison recipe is a YAML mapping::
       - recipe: recipes/methods/prefix_tuning_quickstart.yaml   # its method section and optimiser settings
     seeds: [1, 2, 3]                      # optional: every run once per seed
     grid: {trainer.learning_rate: [1.0e-4, 1.0e-3]}   # optional: expands every run (also per entry)
+    search: {split: selection}            # optional: the grid is searched, not reported (below)
+
+Without ``search``, every grid point is run once per seed and reported. With it, the comparison has two
+phases: each grid point is trained once (the first seed) and scored on the search split (by default
+``selection``: rows carved from train, never trained on), the best point of each entry by the search
+metric is kept, and only that setting is trained once per seed and scored on the base recipe's
+evaluation split, the one the report shows. The split a comparison reports is never the one it chose
+its settings on.
 
 Every run shares the base's model, data, prompt, evaluation, exporters and token budget; an entry can
 change only its method and its trainer's optimiser settings, so the comparison is fair by construction.
@@ -23,7 +31,7 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -51,6 +59,16 @@ class RunEntry(BaseModel):
     grid: dict[str, list] = Field(default_factory=dict, description="key.path: [values] expanded for this entry only")
 
 
+class SearchSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    split: Literal["selection", "validation", "test"] = Field(
+        "selection", description="split the grid points are scored on (selection: carved from train)")
+    selection_size: int = Field(500, gt=0, description="rows carved from train for the selection split")
+    metric: Literal["rouge1", "rouge2", "rougeL", "rougeLsum"] = Field("rouge1", description="what the search maximises")
+    seed: int | None = Field(None, description="seed of the search runs; default: the first of `seeds`")
+    max_samples: int | None = Field(None, gt=0, description="score only the first N rows of the search split")
+
+
 class ComparisonRecipe(BaseModel):
     model_config = ConfigDict(extra="forbid")
     base: str | dict = Field(description="recipe file, inline recipe, or {extends: FILE, <sections merged over it>}")
@@ -59,6 +77,7 @@ class ComparisonRecipe(BaseModel):
     )
     seeds: list[int] | None = Field(None, min_length=1, description="run everything once per seed; default: the base's seed")
     grid: dict[str, list] = Field(default_factory=dict, description="key.path: [values] expanded for every run")
+    search: SearchSpec | None = Field(None, description="choose each entry's grid point on a split the report does not show")
     output_dir: str | None = Field(None, description="parent of the run directories; default runs/<file name>")
     report: str | None = Field(None, description="Markdown report path (PNG plots beside it); default <output_dir>/comparison.md")
 
@@ -77,7 +96,7 @@ def _check_grid(grid: dict) -> dict:
     return grid
 
 
-@dataclass
+@dataclass(eq=False)  # identity: a run is a key of the records its comparison collects
 class PlannedRun:
     name: str  # directory name: config plus seed
     config: str  # the configuration, shared by its seeds (label plus grid point)
@@ -86,18 +105,28 @@ class PlannedRun:
     grid: dict[str, Any]
     raw: dict  # the recipe this run validates and runs
     notes: list[str] = field(default_factory=list)
+    phase: str = "final"  # "search": a grid point scored on the search split, not reported as a result
+    chosen_by: dict | None = None  # for the final runs of a search: the search split, metric and value
 
     def annotation(self) -> dict:
         """What run.json records about this run's place in the comparison (reports group by it)."""
-        return {"config": self.config, "label": self.label, "seed": self.seed, "grid": self.grid, "notes": self.notes}
+        out = {"config": self.config, "label": self.label, "seed": self.seed, "grid": self.grid, "notes": self.notes}
+        if self.phase != "final" or self.chosen_by:
+            out.update(phase=self.phase, chosen_by=self.chosen_by)
+        return out
 
 
 @dataclass
 class Comparison:
     source: str
-    runs: list[PlannedRun]
+    runs: list[PlannedRun]  # without a search: every run; with one: the search runs (one per grid point)
     output_dir: Path
     report_path: Path
+    search: SearchSpec | None = None
+    candidates: dict[str, list[PlannedRun]] = field(default_factory=dict)  # search config -> its runs per seed
+
+    def all_runs(self) -> list[PlannedRun]:
+        return self.runs + [run for runs in self.candidates.values() for run in runs]
 
 
 def is_comparison(raw: dict) -> bool:
@@ -122,11 +151,16 @@ def load_comparison(path: str | Path, overrides: list[str] = (), output_dir: str
         raise PeftbenchError(f"comparison '{source}' is invalid: " + "; ".join(describe_errors(e, ComparisonRecipe, raw)) + ".",
                              "start from recipes/compare_quickstart.yaml (the format is in peftbench/compare/plan.py).") from None
     host = host or get_host()
-    runs = expand(spec, list(overrides), host)
-    _validate_all(source, runs, host)
     out = default_run_dir(source, output_dir or spec.output_dir)
     report = Path(spec.report) if spec.report else out / "comparison.md"
-    return Comparison(source=source, runs=runs, output_dir=out, report_path=report)
+    runs = expand(spec, list(overrides), host)
+    if spec.search is None:
+        _validate_all(source, runs, host)
+        return Comparison(source=source, runs=runs, output_dir=out, report_path=report)
+    searched, candidates = plan_search(spec.search, runs)
+    _validate_all(source, searched + [run for runs in candidates.values() for run in runs], host)
+    return Comparison(source=source, runs=searched, output_dir=out, report_path=report, search=spec.search,
+                      candidates=candidates)
 
 
 def expand(spec: ComparisonRecipe, overrides: list[str], host: Host) -> list[PlannedRun]:
@@ -153,6 +187,59 @@ def expand(spec: ComparisonRecipe, overrides: list[str], host: Host) -> list[Pla
                 planned.append(PlannedRun(name=name, config=config, label=label, seed=seed, grid=point,
                                           raw=seed_raw, notes=run_notes))
     return planned
+
+
+def plan_search(search: SearchSpec, runs: list[PlannedRun]) -> tuple[list[PlannedRun], dict[str, list[PlannedRun]]]:
+    """The search runs (each grid point once, scored on the search split, adapter only) and, per grid
+    point, the runs that follow if it is chosen (one per seed, as expanded)."""
+    reported = {(run.raw.get("evaluation") or {}).get("split", "test") for run in runs}
+    if search.split in reported:
+        raise PeftbenchError(f"search.split '{search.split}' is the split this comparison reports: settings chosen on it "
+                             "would be scored on the examples that chose them.",
+                             "search on `selection` (carved from train) and report on validation or test.")
+    if not any(run.grid for run in runs):
+        raise PeftbenchError("the comparison has a `search:` section but no grid to search.",
+                             "add grid: {trainer.learning_rate: [...]} to the comparison or to its entries.")
+    candidates: dict[str, list[PlannedRun]] = {}
+    for run in runs:
+        candidates.setdefault(run.config, []).append(run)
+    searched = []
+    for config, members in candidates.items():
+        first = members[0]
+        seed = search.seed if search.seed is not None else first.seed
+        raw = {**copy.deepcopy(first.raw), "seed": seed}
+        raw["evaluation"] = {**(raw.get("evaluation") or {}), "split": search.split, "selection_size": search.selection_size,
+                             "max_samples": search.max_samples, "baseline": False}
+        # the search scores adapters; merging and converting every grid point would only cost time
+        raw["exporters"] = [ref for ref in raw.get("exporters") or [] if isinstance(ref, dict) and ref.get("name") == "adapter"]
+        searched.append(PlannedRun(name=f"search/{config}", config=config, label=first.label, seed=seed, grid=first.grid,
+                                   raw=raw, notes=list(first.notes), phase="search"))
+    return searched, candidates
+
+
+def choose(comparison: Comparison, records: dict[str, dict]) -> tuple[list[PlannedRun], list[str]]:
+    """After the search: per entry, the grid point with the best search metric (the first of equals,
+    in grid order), and its runs per seed. Returns those runs and a line per entry saying what was
+    chosen, or that nothing finished."""
+    metric, chosen, lines = comparison.search.metric, [], []
+    for label in dict.fromkeys(run.label for run in comparison.runs):
+        scored = []
+        for run in (r for r in comparison.runs if r.label == label):
+            record = records.get(run.name) or {}
+            value = (record.get("eval", {}).get("finetuned") or {}).get(metric)
+            if isinstance(value, (int, float)) and record["run_info"].get("status") == "success":
+                scored.append((value, run))
+        if not scored:
+            lines.append(f"{label}: no search run finished, so it has no final runs")
+            continue
+        value, best = max(scored, key=lambda pair: pair[0])  # max keeps the first of equal values
+        by = {"split": comparison.search.split, "metric": metric, "value": value, "search_run": best.name}
+        for run in comparison.candidates[best.config]:
+            run.chosen_by = by
+            chosen.append(run)
+        grid = ", ".join(f"{k}={v}" for k, v in best.grid.items())
+        lines.append(f"{label}: {grid} ({metric} {value:.2f} on {comparison.search.split}, best of {len(scored)})")
+    return chosen, lines
 
 
 def _load_base(base: str | dict) -> dict:

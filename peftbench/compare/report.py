@@ -280,14 +280,49 @@ def _baseline_row(groups: list[Group]) -> dict[str, str]:
 
 
 def _ranking(groups: list[Group]) -> list[str]:
+    """Configurations by mean ROUGE-1; one whose distance to the best is within the seeds' spread is a tie."""
     ranked = sorted((g for g in groups if "rouge1" in g.stats), key=lambda g: (-round(g.stats["rouge1"].mean, 4), g.label))
-    lines = ["| rank | configuration | grid | ROUGE-1 | Δ base |", "| ---: | --- | --- | ---: | ---: |"]
+    lines = ["| rank | configuration | grid | ROUGE-1 | Δ base | against the best |", "| ---: | --- | --- | ---: | ---: | --- |"]
     for i, g in enumerate(ranked, 1):
         grid = ", ".join(f"{k}={v}" for k, v in g.grid.items()) or "—"
         delta = g.stats.get("delta_rouge1")
         lines.append(f"| {i} | {g.label} | {grid} | {_spread(g.stats['rouge1'], '.2f')} | "
-                     + (f"{delta.mean:+.2f}" if delta else "—") + " |")
+                     + (f"{delta.mean:+.2f}" if delta else "—") + f" | {_against_best(g, ranked[0])} |")
     return lines
+
+
+def _against_best(group: Group, best: Group) -> str:
+    """A difference smaller than the spread of a difference between two runs (the two configurations'
+    standard deviations combined) is not evidence that one setting is better: called a tie."""
+    if group is best:
+        return "best"
+    a, b = group.stats["rouge1"], best.stats["rouge1"]
+    gap = b.mean - a.mean
+    if a.std is None or b.std is None:
+        return f"{-gap:+.2f} (one seed: no spread to judge)"
+    spread = (a.std ** 2 + b.std ** 2) ** 0.5
+    return f"{-gap:+.2f}, tie (within ±{spread:.2f})" if gap <= spread else f"{-gap:+.2f}, worse (beyond ±{spread:.2f})"
+
+
+def _search(search_runs: list[Run], final_runs: list[Run]) -> list[str]:
+    """Every searched grid point with its score on the search split; the one chosen in bold."""
+    by = [r.annotation["chosen_by"] for r in final_runs if r.annotation.get("chosen_by")]
+    metric = by[0]["metric"] if by else "rouge1"
+    chosen = {r.annotation.get("config") for r in final_runs if r.annotation.get("chosen_by")}
+    split = by[0]["split"] if by else "search"
+    lines = [f"| method | setting | {ROUGE_NAMES.get(metric, metric)} on {split} | |", "| --- | --- | ---: | --- |"]
+    for run in sorted(search_runs, key=lambda r: (r.annotation.get("label", ""), _grid_sort_key(r))):
+        grid = ", ".join(f"{k}={v}" for k, v in (run.annotation.get("grid") or {}).items()) or "—"
+        tuned = run.record.get("eval", {}).get("finetuned") or {}
+        score = f"{tuned[metric]:.2f}" if run.ok and metric in tuned else "failed"
+        is_chosen = run.annotation.get("config") in chosen
+        lines.append(f"| {run.annotation.get('label', run.method)} | {grid} | "
+                     + (f"**{score}** | chosen |" if is_chosen else f"{score} | |"))
+    return lines
+
+
+def _grid_sort_key(run: Run) -> tuple:
+    return tuple((k, v if isinstance(v, (int, float)) else 0, str(v)) for k, v in sorted((run.annotation.get("grid") or {}).items()))
 
 
 def _settings(groups: list[Group]) -> list[str]:
@@ -319,11 +354,16 @@ def _setup(runs: list[Run]) -> list[str]:
     budget = (f"max_steps {trainer['max_steps']}" if trainer.get("max_steps") else f"{trainer.get('epochs', '?')} epochs")
     lines = [
         f"- Model: `{meta.get('model_id', (recipe.get('model') or {}).get('name'))}`; dataset: `{data.get('name', '?')}`, "
-        f"scored on the {data.get('eval_split', '?')} split ({data.get('eval_rows', '?')} examples) with greedy decoding.",
+        f"scored on the {data.get('eval_split', '?')} split ({data.get('eval_rows', '?')} examples) with {_decoding(recipe)}.",
         f"- Training: {budget}, batch {trainer.get('batch_size', '?')} × {trainer.get('grad_accum', '?')} accumulation "
         f"({', '.join(map(str, steps)) or '?'} optimiser steps); seeds: {', '.join(map(str, seeds))}.",
     ]
     return lines
+
+
+def _decoding(recipe: dict) -> str:
+    beams = (recipe.get("evaluation") or {}).get("num_beams") or 1
+    return "greedy decoding" if beams == 1 else f"beam search ({beams} beams)"
 
 
 def _environment(runs: list[Run]) -> list[str]:
@@ -377,6 +417,8 @@ def _notes(groups: list[Group]) -> list[str]:
 def render_markdown(runs: list[Run], *, title: str, command: str = "", plots: list[tuple[str, str]] = ()) -> str:
     """The whole report. ``plots`` is [(caption, file name relative to the report)]."""
     runs = sorted(runs, key=lambda r: (r.name, _config_key(r)))  # the order runs were given in must not matter
+    search_runs = [r for r in runs if r.annotation.get("phase") == "search"]
+    runs = [r for r in runs if r.annotation.get("phase") != "search"] or runs
     groups = group_runs(runs)
     lines = [f"# {title}", ""]
     if command:
@@ -388,15 +430,23 @@ def render_markdown(runs: list[Run], *, title: str, command: str = "", plots: li
         "",
     ]
     lines += _table(groups, _columns(_gguf_label(runs))) + [""]
-    if any(g.grid for g in groups):
-        lines += ["## Ranking by ROUGE-1", ""] + _ranking(groups) + [""]
+    if any(g.grid for g in groups) or any(len(g.ok_runs) > 1 for g in groups):
+        lines += ["## Ranking by ROUGE-1", "",
+                  "A configuration whose mean is closer to the best's than the two configurations' standard deviations",
+                  "combined (√(s₁² + s₂²), the spread of a difference between single runs) is marked a tie: the seeds",
+                  "do not tell them apart.", ""] + _ranking(groups) + [""]
+    if search_runs:
+        lines += ["## Search", "",
+                  "Each grid point was trained once and scored on a split carved from train (never trained on, never",
+                  "reported above); each method's best point was then trained once per seed and scored on the split above.",
+                  ""] + _search(search_runs, runs) + [""]
     lines += ["## Settings", ""] + _settings(groups) + [""]
     notes = _notes(groups)
     if notes:
         lines += ["## Notes", ""] + [f"- {n}" for n in notes] + [""]
     if plots:
         lines += ["## Plots", ""] + [line for caption, name in plots for line in (f"![{caption}]({name})", "")]
-    lines += ["## Environment", ""] + _environment(runs)
+    lines += ["## Environment", ""] + _environment(runs + search_runs)
     return "\n".join(lines) + "\n"
 
 
@@ -426,13 +476,40 @@ def write_plots(runs: list[Run], directory: Path, stem: str) -> list[tuple[str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    search_runs = [r for r in runs if r.annotation.get("phase") == "search"]
+    runs = [r for r in runs if r.annotation.get("phase") != "search"] or runs
     groups = [g for g in group_runs(runs) if g.ok_runs]
     if not groups:
         return []
     colors = {g.label: plt.get_cmap("tab10")(i % 10) for i, g in enumerate(groups)}
     written = [_scatter_plot(plt, groups, colors, directory, stem, *plot) for plot in PLOTS]
     written.append(_loss_plot(plt, groups, colors, directory, stem))
+    written.append(_search_plot(plt, search_runs, directory, stem))
     return [w for w in written if w]
+
+
+def _search_plot(plt, search_runs: list[Run], directory: Path, stem: str) -> tuple[str, str] | None:
+    """The search's score against the learning rate, one line per method (when the grid varies it)."""
+    key = "trainer.learning_rate"
+    lines: dict[str, list[tuple[float, float]]] = {}
+    for run in search_runs:
+        lr = (run.annotation.get("grid") or {}).get(key)
+        tuned = run.record.get("eval", {}).get("finetuned") or {}
+        if run.ok and isinstance(lr, (int, float)) and "rouge1" in tuned:
+            lines.setdefault(run.annotation.get("label", run.method), []).append((float(lr), tuned["rouge1"]))
+    if not lines:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for i, (label, points) in enumerate(sorted(lines.items())):
+        points.sort()
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color=plt.get_cmap("tab10")(i % 10), label=label)
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("ROUGE-1 on the search split")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return "search: ROUGE-1 vs learning rate", _save(plt, fig, ax, "Search: ROUGE-1 vs learning rate",
+                                                      directory / f"{stem}_search.png")
 
 
 def _scatter_plot(plt, groups: list[Group], colors: dict, directory: Path, stem: str,

@@ -1,16 +1,19 @@
 """Running a planned comparison: each run in its own process (so peak memory and a crash belong to
-that run alone) into ``<output_dir>/<run name>/``, past failures, then the report."""
+that run alone) into ``<output_dir>/<run name>/``, past failures, then the report. With a search, the
+search runs go first and decide which runs follow. ``jobs`` runs several at once: a small model leaves
+a large GPU mostly idle, so side-by-side runs cost little more time than one."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import yaml
 
-from peftbench.compare.plan import Comparison, PlannedRun
+from peftbench.compare.plan import Comparison, PlannedRun, choose
 from peftbench.compare.report import write_report
 from peftbench.console import console
 from peftbench.errors import ERROR_FILE_ENV, PeftbenchError
@@ -22,7 +25,7 @@ def check_run_dirs(comparison: Comparison, *, resume: bool, overwrite: bool) -> 
     """Refuse up front, naming every run directory in the way, rather than failing run by run."""
     if resume or overwrite:
         return
-    taken = [r.name for r in comparison.runs if (d := comparison.output_dir / r.name).is_dir() and any(d.iterdir())]
+    taken = [r.name for r in comparison.all_runs() if (d := comparison.output_dir / r.name).is_dir() and any(d.iterdir())]
     if taken:
         raise PeftbenchError(
             f"run directories under '{comparison.output_dir}' already hold runs: {', '.join(taken)}.",
@@ -32,40 +35,77 @@ def check_run_dirs(comparison: Comparison, *, resume: bool, overwrite: bool) -> 
 
 
 def run_comparison(comparison: Comparison, *, resume: bool = False, overwrite: bool = False, command: str = "",
-                   child_args: list[str] = ()) -> list[dict]:
-    """Run every planned run (each in its own process), go on past failures, then write the report.
-    ``child_args`` are passed on to each run's ``peftbench run`` (e.g. --num-processes)."""
+                   child_args: list[str] = (), jobs: int = 1) -> list[dict]:
+    """Run every planned run (each in its own process, ``jobs`` at a time), go on past failures, then
+    write the report. ``child_args`` are passed on to each run's ``peftbench run`` (e.g. --num-processes)."""
+    if jobs < 1:
+        raise PeftbenchError(f"--jobs {jobs} is not a number of runs.", "pass 1 or more.")
     check_run_dirs(comparison, resume=resume, overwrite=overwrite)
-    recipes_dir = comparison.output_dir / "recipes"
-    records = []
-    for i, run in enumerate(comparison.runs, 1):
-        run_dir = comparison.output_dir / run.name
-        console.rule(f"[bold]comparison run {i}/{len(comparison.runs)}: {run.name}")
-        for note in run.notes:
-            console.print(f"[yellow]note:[/] {note}")
-        existing = recorded_status(run_dir)
-        if resume and existing == "success":
-            console.print(f"{run.name}: finished earlier, kept")
-        else:
-            recipe_path = recipes_dir / f"{run.name}.yaml"
-            atomic_write_text(recipe_path, yaml.safe_dump(run.raw, sort_keys=False))
-            flag = ["--overwrite"] if overwrite else ["--resume"] if resume and existing else []
-            cmd = [sys.executable, "-m", "peftbench", "run", str(recipe_path), "--output-dir", str(run_dir), *flag, *child_args]
-            error_file = recipes_dir / f"{run.name}.error"
-            error_file.unlink(missing_ok=True)
-            returncode = subprocess.call(cmd, env={**os.environ, ERROR_FILE_ENV: str(error_file)})
-            if returncode != 0:
-                console.print(f"[red]{run.name} failed[/] (exit code {returncode}); the comparison goes on")
-        records.append(_annotate(run_dir, run, recipes_dir / f"{run.name}.error"))
-
-    write_report([comparison.output_dir / r.name for r in comparison.runs], comparison.report_path, command=command)
-    failed = [r["run_info"]["experiment_name"] for r in records if r["run_info"]["status"] != "success"]
+    runner = _Runner(comparison, resume=resume, overwrite=overwrite, child_args=list(child_args), jobs=jobs)
+    done = runner.run_all(comparison.runs, "search run" if comparison.search else "comparison run")
+    if comparison.search:
+        finals, lines = choose(comparison, {run.name: record for run, record in done.items()})
+        console.rule("[bold]settings chosen on the " + comparison.search.split + " split")
+        for line in lines:
+            console.print(line)
+        done.update(runner.run_all(finals, "final run"))
+    write_report([comparison.output_dir / run.name for run in done], comparison.report_path, command=command)
+    records = list(done.values())
+    failed = [run.name for run, record in done.items() if record["run_info"]["status"] != "success"]
     console.print(f"Report written to [bold]{comparison.report_path}[/]"
                   + (f"; [red]{len(failed)} failed:[/] {', '.join(failed)}" if failed else ""))
     return records
 
 
-def _annotate(run_dir: Path, run: PlannedRun, error_file: Path) -> dict:
+class _Runner:
+    def __init__(self, comparison: Comparison, *, resume: bool, overwrite: bool, child_args: list[str], jobs: int):
+        self.comparison, self.resume, self.overwrite = comparison, resume, overwrite
+        self.child_args, self.jobs = child_args, jobs
+        self.recipes_dir = comparison.output_dir / "recipes"
+
+    def run_all(self, runs: list[PlannedRun], what: str) -> dict[PlannedRun, dict]:
+        """Each run's record, in the planned order."""
+        if self.jobs == 1:
+            return {run: self.run_one(run, f"{what} {i}/{len(runs)}") for i, run in enumerate(runs, 1)}
+        console.rule(f"[bold]{len(runs)} {what}s, {min(self.jobs, len(runs))} at a time")
+        with ThreadPoolExecutor(max_workers=self.jobs) as pool:  # threads only wait on child processes
+            records = pool.map(lambda pair: self.run_one(pair[1], f"{what} {pair[0]}/{len(runs)}"), enumerate(runs, 1))
+            return dict(zip(runs, records))
+
+    def run_one(self, run: PlannedRun, title: str) -> dict:
+        run_dir = self.comparison.output_dir / run.name
+        parallel = self.jobs > 1
+        if not parallel:
+            console.rule(f"[bold]{title}: {run.name}")
+        for note in run.notes:
+            console.print(f"[yellow]note:[/] {run.name}: {note}")
+        existing = recorded_status(run_dir)
+        if self.resume and existing == "success":
+            console.print(f"{run.name}: finished earlier, kept")
+            return _annotate(run_dir, run, None)
+        recipe_path = self.recipes_dir / f"{run.name}.yaml"
+        atomic_write_text(recipe_path, yaml.safe_dump(run.raw, sort_keys=False))
+        flag = ["--overwrite"] if self.overwrite else ["--resume"] if self.resume and existing else []
+        cmd = [sys.executable, "-m", "peftbench", "run", str(recipe_path), "--output-dir", str(run_dir), *flag, *self.child_args]
+        error_file = self.recipes_dir / f"{run.name}.error"
+        error_file.unlink(missing_ok=True)
+        env = {**os.environ, ERROR_FILE_ENV: str(error_file)}
+        if parallel:  # interleaved progress bars would be unreadable: each run's output goes to its own file
+            console.print(f"{title}: {run.name} started (output: {self.recipes_dir / (run.name + '.out')})")
+            with open(self.recipes_dir / f"{run.name}.out", "w", encoding="utf-8") as out:
+                returncode = subprocess.call(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        else:
+            returncode = subprocess.call(cmd, env=env)
+        record = _annotate(run_dir, run, error_file)
+        if returncode != 0:
+            console.print(f"[red]{run.name} failed[/] (exit code {returncode}): "
+                          f"{record['run_info'].get('error_msg') or 'see its output'}; the comparison goes on")
+        elif parallel:
+            console.print(f"{run.name} finished")
+        return record
+
+
+def _annotate(run_dir: Path, run: PlannedRun, error_file: Path | None) -> dict:
     """Record the run's place in the comparison in its run.json; a run that died before writing one
     (killed, or refused at start) gets a failed record so the report still shows it."""
     path = run_dir / "run.json"
@@ -74,7 +114,7 @@ def _annotate(run_dir: Path, run: PlannedRun, error_file: Path) -> dict:
     else:
         record = new_record(run.raw, experiment_name=run.name)
         record["train_info"]["status"] = "failed"
-        error = error_file.read_text(encoding="utf-8") if error_file.is_file() else \
+        error = error_file.read_text(encoding="utf-8") if error_file and error_file.is_file() else \
             "the run ended before writing run.json (see its output above)"
         record["run_info"].update(status="failed", error_msg=error)
     record["run_info"]["comparison"] = run.annotation()

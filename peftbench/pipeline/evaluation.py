@@ -63,8 +63,8 @@ class Evaluation:
 
 @torch.no_grad()
 def generate_summaries(model, tokenizer, prompt, dialogues: list[str], *, batch_size: int = 16,
-                       max_new_tokens: int = 64, progress=None) -> list[str]:
-    """Greedy summaries, batched. Prompts are sorted by length so each batch carries little padding,
+                       max_new_tokens: int = 64, num_beams: int = 1, progress=None) -> list[str]:
+    """Greedy (or beam-search) summaries, batched. Prompts are sorted by length so each batch carries little padding,
     padded on the left so every sequence's next token is at the same position."""
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, prompt, d) for d in dialogues]
@@ -86,6 +86,7 @@ def generate_summaries(model, tokenizer, prompt, dialogues: list[str], *, batch_
         generated = model.generate(
             input_ids=input_ids.to(device), attention_mask=attention.to(device), max_new_tokens=max_new_tokens,
             do_sample=False, eos_token_id=stops, pad_token_id=pad_id,
+            num_beams=num_beams, early_stopping=True if num_beams > 1 else None,
             temperature=None, top_p=None, top_k=None,  # greedy: silence the sampling defaults of chat models
         )
         for row, i in enumerate(idx):
@@ -100,7 +101,7 @@ def evaluate_model(model, tokenizer, prompt, dataset, options, progress=None) ->
     start = time.perf_counter()
     predictions = generate_summaries(
         model, tokenizer, prompt, list(dataset["dialogue"]), batch_size=options.batch_size,
-        max_new_tokens=options.max_new_tokens, progress=progress,
+        max_new_tokens=options.max_new_tokens, num_beams=options.num_beams, progress=progress,
     )
     seconds = time.perf_counter() - start
     return Evaluation(rouge(predictions, list(dataset["summary"])), predictions, seconds)

@@ -49,12 +49,16 @@ class PromptSection(Section):
 
 
 class EvaluationSection(Section):
-    split: Literal["test", "validation"] = Field("test", description="split scored before and after training")
+    split: Literal["test", "validation", "selection"] = Field(
+        "test", description="split scored before and after training; `selection` is carved from train (selection_size "
+        "rows) for choosing settings, so that the split a comparison reports is never the one it selected on")
+    selection_size: int = Field(500, gt=0, description="rows carved from train when split is `selection`")
     max_samples: int | None = Field(None, gt=0, description="score only the first N examples of the split")
     batch_size: int = Field(64, gt=0, description="generation batch size (a GPU decodes a batch of 64 about as fast "
                             "as one prompt: each step is bound by per-token overhead, not by the batch)")
     max_new_tokens: int = Field(64, gt=0, description="summary length limit when generating")
     baseline: bool = Field(True, description="also score the base model with the same prompt")
+    num_beams: int = Field(1, gt=0, description="1: greedy decoding; more: beam search with that many beams")
 
 
 class PluginRef(BaseModel):

@@ -241,7 +241,9 @@ def load_data(run: RunState) -> None:
     r, policy = run.r, run.ctx.policy
     with run.record.stage("data") as st, run.processes.main_first():
         run.data = run.recipe.dataset.load(run.recipe.dataset_options, r.seed)
-        if not {"validation", "test"} & set(run.data.splits):
+        if r.evaluation.split == "selection":
+            carve_selection_split(run.data, r.evaluation.selection_size)
+        elif not {"validation", "test"} & set(run.data.splits):
             raise PeftbenchError("the dataset has only a train split, and peftbench evaluates on a test or validation split.",
                                  "add validation.jsonl (or test.jsonl) beside train.jsonl, in the same format.")
         split_name = r.evaluation.split if r.evaluation.split in run.data.splits else "validation"
@@ -254,6 +256,24 @@ def load_data(run: RunState) -> None:
         run.record.data["meta_info"]["dataset_info"] = {"name": run.recipe.dataset.name, **run.data.stats,
                                                         "eval_split": split_name, "eval_rows": len(split)}
         st["rows"] = run.data.stats.get("rows")
+
+
+# The selection split is drawn with its own fixed seed, not the run's: every run and every seed of a
+# comparison then selects on the same rows and trains on the same rest.
+SELECTION_SEED = 0
+
+
+def carve_selection_split(data, size: int) -> None:
+    """Move ``size`` seeded-random rows of train into a ``selection`` split (for choosing settings
+    without touching the validation or test split a comparison reports)."""
+    train = data.splits["train"]
+    if size > len(train) // 2:
+        raise PeftbenchError(f"evaluation.selection_size {size} would take more than half of the {len(train)} training rows.",
+                             f"set evaluation.selection_size to at most {len(train) // 2}.")
+    parts = train.train_test_split(test_size=size, seed=SELECTION_SEED, shuffle=True)
+    data.splits["train"], data.splits["selection"] = parts["train"], parts["test"]
+    data.stats.setdefault("rows", {}).update(train=len(parts["train"]), selection=size)
+    data.stats["selection"] = f"{size} rows carved from train (seed {SELECTION_SEED}), not trained on"
 
 
 def load_base_model(run: RunState) -> None:
@@ -311,7 +331,8 @@ def train(run: RunState) -> None:
     with run.record.stage("train"), out_of_memory_as_error("training", recipe), disk_full_as_error("training", ctx.run_dir):
         with run.processes.main_first():  # datasets caches the tokenised splits: one process writes them
             train_ds = tokenize_for_training(run.data.splits["train"], ctx.tokenizer, r.prompt)
-            val = run.data.splits.get("validation")
+            # the loss logged on held-out rows (trainer.eval_steps) uses the selection split when there is one
+            val = run.data.splits.get("selection", run.data.splits.get("validation"))
             val_ds = tokenize_for_training(val, ctx.tokenizer, r.prompt) if val is not None else None
         result = recipe.trainer.train(ctx.model, ctx.tokenizer, train_ds, val_ds, recipe.trainer_options, ctx)
         run.train_rows = len(train_ds)
