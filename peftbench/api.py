@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Literal, TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import pluggy
 from pydantic import BaseModel, ConfigDict
@@ -203,6 +203,26 @@ def wrap_with_peft(model, peft_config):
         raise PeftbenchError(f"{str(e).splitlines()[0].split('. Please')[0]} ({type(model).__name__}).",
                              "set method.target_modules to names of the model's linear layers "
                              "(for Llama-like models: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).") from None
+
+
+MergeTarget = Literal["original", "nf4_roundtrip"]
+MERGE_TARGET_HELP = ("16-bit weights the trained adapter of a 4-bit base is folded into when merging: the original "
+                     "base, or the base's NF4 weights dequantised (what the adapter was trained against)")
+
+
+def base_for_merge(ctx: "RunContext", merge_into: MergeTarget):
+    """A fresh 16-bit base for merging the adapter of a method that trained on a 4-bit base.
+    Merging into the 4-bit weights themselves would round the update away, so the choice is which
+    16-bit weights: the original ones, or the 4-bit ones dequantised, which the adapter learnt to
+    correct (the difference grows with training: see the merge_into default's comment)."""
+    if merge_into == "nf4_roundtrip":
+        model = ctx.load_base_model().dequantize()  # bitsandbytes: NF4 weights back in the compute dtype
+        # transformers 5.17-5.23 `dequantize()` clears is_quantized but leaves is_loaded_in_4bit set,
+        # and peft 0.21's IA3 merge refuses any model carrying that flag ("Cannot merge ia3 layers
+        # when the model is loaded in 4-bit mode") although no 4-bit layer is left.
+        model.is_loaded_in_4bit = False
+        return model
+    return ctx.load_base_model(quantized=False)
 
 
 class DuplicatePluginName(PeftbenchError, ValueError):

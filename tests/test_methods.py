@@ -325,9 +325,12 @@ def test_bitfit_load_refuses_a_base_without_the_bias_flags(tiny_model_dir, tiny_
 # --- IA3 -----------------------------------------------------------------------------------------
 
 
-def test_ia3_on_a_4bit_base_merges_into_full_precision_weights(tiny_model_dir, tiny_data_dir, tmp_path):
+@pytest.mark.parametrize("merge_into", ["nf4_roundtrip", "original"])
+def test_ia3_on_a_4bit_base_merges_into_the_chosen_16bit_weights(merge_into, tiny_model_dir, tiny_data_dir, tmp_path):
+    """merge_into=nf4_roundtrip folds the scaling into the dequantised NF4 weights it was trained on;
+    original folds it into the base as it was before quantisation. Either way no 4-bit layer is left."""
     pytest.importorskip("bitsandbytes")
-    ctx = _context(tiny_model_dir, tiny_data_dir, {"name": "ia3", "load_in_4bit": True}, tmp_path)
+    ctx = _context(tiny_model_dir, tiny_data_dir, {"name": "ia3", "load_in_4bit": True, "merge_into": merge_into}, tmp_path)
     model = _apply(ctx)
     assert any(type(m).__name__ == "Linear4bit" for m in model.modules()), "the base should be 4-bit"
     with torch.no_grad():
@@ -338,8 +341,13 @@ def test_ia3_on_a_4bit_base_merges_into_full_precision_weights(tiny_model_dir, t
     merged = ctx.recipe.method.merge(model, ctx.recipe.method_options, ctx)
     assert not any(type(m).__name__ == "Linear4bit" for m in merged.modules())
     assert all(p.dtype == torch.float32 for p in merged.parameters())
-    reference = ctx.recipe.method.load(ctx.load_base_model(quantized=False), ctx.adapter_dir, ctx.recipe.method_options)
+    base = ctx.load_base_model().dequantize() if merge_into == "nf4_roundtrip" else ctx.load_base_model(quantized=False)
+    reference = ctx.recipe.method.load(base, ctx.adapter_dir, ctx.recipe.method_options)
     torch.testing.assert_close(_logits(merged, [5, 6, 7, 8]), _logits(reference, [5, 6, 7, 8]), rtol=1e-4, atol=1e-4)
+    other = ctx.load_base_model(quantized=False) if merge_into == "nf4_roundtrip" else ctx.load_base_model().dequantize()
+    other = ctx.recipe.method.load(other, ctx.adapter_dir, ctx.recipe.method_options)
+    assert not torch.allclose(_logits(merged, [5, 6, 7, 8]), _logits(other, [5, 6, 7, 8]), atol=1e-4), \
+        "the two targets differ by the NF4 rounding, so the test can tell them apart"
 
 
 def test_ia3_feedforward_modules_must_be_targeted(tiny_model_dir, tiny_data_dir, tmp_path):

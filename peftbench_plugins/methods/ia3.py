@@ -2,15 +2,15 @@
 activations, through peft. Initialised to ones, so training starts from the base model exactly.
 
 The scaling folds into the weights only when they are full precision (a 4-bit weight cannot absorb
-it without rounding it away), so merging always loads the base again in full precision and applies
-the saved adapter to that, whether or not training ran on a 4-bit base.
+it without rounding it away), so merging loads the base again in 16 bits and applies the saved adapter
+to that; after training on a 4-bit base, ``merge_into`` says which 16-bit weights (as for QLoRA).
 """
 
 from __future__ import annotations
 
 from pydantic import Field
 
-from peftbench.api import Capabilities, MethodPlugin, Options, wrap_with_peft
+from peftbench.api import MERGE_TARGET_HELP, Capabilities, MergeTarget, MethodPlugin, Options, base_for_merge, wrap_with_peft
 from peftbench.errors import PeftbenchError
 from peftbench.api import hookimpl
 from peftbench.pipeline.modeling import four_bit_config
@@ -28,8 +28,9 @@ class Ia3Options(Options):
     )
     load_in_4bit: bool = Field(
         False, description="load the frozen base in 4-bit NF4 (bitsandbytes) to save memory; "
-                           "merging still uses full-precision weights"
+                           "merging folds the adapter into 16-bit weights (merge_into)"
     )
+    merge_into: MergeTarget = Field("nf4_roundtrip", description=MERGE_TARGET_HELP + "; with load_in_4bit only")
 
 
 class Ia3(MethodPlugin):
@@ -82,7 +83,7 @@ class Ia3(MethodPlugin):
     def merge(self, model, options, ctx):
         """Fold the saved adapter into a fresh full-precision base. The adapter must be saved first
         (the runner saves it before exporting); the trained model itself is left as it is."""
-        base = ctx.load_base_model(quantized=False)
+        base = base_for_merge(ctx, options.merge_into) if options.load_in_4bit else ctx.load_base_model(quantized=False)
         return self.load(base, ctx.adapter_dir, options).merge_and_unload()
 
 

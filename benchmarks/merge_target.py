@@ -1,0 +1,75 @@
+"""Which 16-bit weights should the adapter of a 4-bit method be merged into?
+
+A QLoRA adapter (or IA3 on a 4-bit base) is trained against the base's NF4 weights, dequantised. Merging
+folds it into 16-bit weights, which can be the original base (``merge_into: original``) or the NF4
+weights dequantised (``nf4_roundtrip``). This script scores, on a finished run's own evaluation examples,
+the merged model for each target: ROUGE against the references and ROUGE-1 agreement with the run's
+unmerged answers (predictions_finetuned.jsonl), with the same batched greedy decoding.
+
+    python benchmarks/merge_target.py runs/compare_samsum/qlora-learning_rate0.0006-seed1 [--n 818]
+
+Prints one JSON line per target and writes them to RUN_DIR/merge_target.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--n", type=int, default=None, help="first N evaluation examples (default: all the run scored)")
+    parser.add_argument("--targets", nargs="+", default=["original", "nf4_roundtrip"])
+    args = parser.parse_args(argv)
+
+    from peftbench.pipeline.context import RunContext
+    from peftbench.pipeline.device import resolve_policy
+    from peftbench.pipeline.evaluation import generate_summaries, rouge
+    from peftbench.pipeline.modeling import load_tokenizer, resolve_model_source
+    from peftbench.pipeline.recipe import load_recipe
+
+    recipe = load_recipe(args.run_dir / "recipe.yaml")
+    rows = [json.loads(line) for line in (args.run_dir / "predictions_finetuned.jsonl").read_text().splitlines() if line]
+    rows = rows[: args.n] if args.n else rows
+    r = recipe.recipe
+    data = recipe.dataset.load(recipe.dataset_options, r.seed)
+    dialogue_of = {}
+    for split in data.splits.values():
+        dialogue_of.update(zip(split["id"], split["dialogue"]))
+    dialogues = [dialogue_of[row["id"]] for row in rows]
+    references = [row["reference"] for row in rows]
+    unmerged = [row["prediction"] for row in rows]
+
+    policy = resolve_policy(r.model.dtype)
+    source = resolve_model_source(r.model.name, r.model.gguf_file)
+    ctx = RunContext(recipe=recipe, run_dir=args.run_dir, policy=policy, model_source=source)
+    ctx.tokenizer = load_tokenizer(source, r.model.trust_remote_code, r.model.revision)
+    results = [{"target": "unmerged (the run's answers)", **rouge(unmerged, references)}]
+    print(json.dumps(results[0]), flush=True)
+    for target in args.targets:
+        if "merge_into" not in type(recipe.method_options).model_fields:
+            print(f"{recipe.method.name} has no merge_into option", file=sys.stderr)
+            return 2
+        options = recipe.method_options.model_copy(update={"merge_into": target})
+        start = time.perf_counter()
+        merged = recipe.method.merge(None, options, ctx).to(policy.device)
+        answers = generate_summaries(merged, ctx.tokenizer, r.prompt, dialogues, batch_size=r.evaluation.batch_size,
+                                     max_new_tokens=r.evaluation.max_new_tokens, num_beams=r.evaluation.num_beams)
+        result = {"target": target, **rouge(answers, references),
+                  "agreement_rouge1_with_unmerged": rouge(answers, unmerged)["rouge1"],
+                  "identical_answers": sum(a == b for a, b in zip(answers, unmerged)),
+                  "dtype": str(next(merged.parameters()).dtype), "seconds": round(time.perf_counter() - start, 1)}
+        results.append(result)
+        print(json.dumps(result), flush=True)
+        del merged
+    (args.run_dir / "merge_target.json").write_text(json.dumps(results, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
