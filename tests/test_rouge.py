@@ -36,3 +36,24 @@ def test_rouge_lsum_scores_sentences_as_the_hf_summarisation_examples_do():
     by_line = scorer.score(reference.replace(". ", ".\n"), prediction.replace(". ", ".\n"))["rougeLsum"].fmeasure
     assert scores["rougeLsum"] == round(100 * by_line, 4) == 100.0
     assert scores["rougeL"] < 60
+
+
+def test_auto_generation_batch_is_16_on_the_cpu_and_sized_by_memory_on_a_gpu(monkeypatch):
+    import types
+
+    import torch
+
+    from peftbench.pipeline import evaluation
+
+    config = types.SimpleNamespace(num_attention_heads=9, hidden_size=576, num_key_value_heads=3, num_hidden_layers=30)
+    weight = torch.nn.Parameter(torch.zeros(2, dtype=torch.bfloat16))
+    model = types.SimpleNamespace(config=config, parameters=lambda: iter([weight]))
+    assert evaluation.auto_batch_size(model, 576) == evaluation.CPU_BATCH
+
+    # A GPU, faked: per sequence the KV cache takes 2 x 30 layers x 3 heads x 64 x 2 bytes x 576 tokens.
+    per_sequence = 2 * 30 * 3 * 64 * 2 * 576
+    monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
+    for free_gib, expected in ((80, 512), (4, 64), (1, 16)):
+        monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device, f=free_gib: (f * 2**30, 141 * 2**30))
+        batch = evaluation.auto_batch_size(model, 576)
+        assert batch == expected and batch * per_sequence <= evaluation.AUTO_MEMORY_SHARE * free_gib * 2**30

@@ -26,7 +26,7 @@ def _one_error_line(capsys) -> str:
     (["evaluation.baseline=maybe"], "evaluation.baseline: Input should be a valid boolean"),
     (["trainer.batch_size=0"], "trainer.batch_size: Input should be greater than 0 (got 0)"),
     (["method.dropout=1.5"], "method.dropout: Input should be less than 1 (got 1.5)"),
-    (["evaluation.split=train"], "evaluation.split: Input should be 'test' or 'validation' (got 'train')"),
+    (["evaluation.split=train"], "evaluation.split: Input should be 'test', 'validation' or 'selection' (got 'train')"),
     (["method.name=lorra"], "method.name: unknown method 'lorra'. Did you mean 'lora'? Known: "),
     (["exporters.0.name=adaptor"], "exporters.0.name: unknown exporter 'adaptor'. Did you mean 'adapter'?"),
     (["model.name=./no/such/model"], "model.name: './no/such/model' does not exist"),

@@ -61,14 +61,40 @@ class Evaluation:
         return {**self.scores, "mean_summary_words": round(mean_words, 2), "eval_time_s": round(self.seconds, 2)}
 
 
+CPU_BATCH = 16  # a CPU's decoding step grows with the batch: larger batches only pad more
+MAX_AUTO_BATCH = 512
+AUTO_MEMORY_SHARE = 0.25  # of the free GPU memory, for the KV cache of one batch
+
+
+def auto_batch_size(model, longest_tokens: int, num_beams: int = 1) -> int:
+    """The largest batch (a power of two up to MAX_AUTO_BATCH) whose KV cache for sequences of
+    ``longest_tokens`` fits in a quarter of the free GPU memory; CPU_BATCH on the CPU."""
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        return CPU_BATCH
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    dtype_bytes = torch.finfo(next(model.parameters()).dtype).bits // 8 if next(model.parameters()).is_floating_point() else 2
+    per_sequence = 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes * longest_tokens * num_beams
+    free, _ = torch.cuda.mem_get_info(device)
+    batch = MAX_AUTO_BATCH
+    while batch > 1 and batch * per_sequence > AUTO_MEMORY_SHARE * free:
+        batch //= 2
+    return batch
+
+
 @torch.no_grad()
-def generate_summaries(model, tokenizer, prompt, dialogues: list[str], *, batch_size: int = 16,
+def generate_summaries(model, tokenizer, prompt, dialogues: list[str], *, batch_size: int | str = 16,
                        max_new_tokens: int = 64, num_beams: int = 1, progress=None) -> list[str]:
     """Greedy (or beam-search) summaries, batched. Prompts are sorted by length so each batch carries little padding,
     padded on the left so every sequence's next token is at the same position."""
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, prompt, d) for d in dialogues]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
+    if batch_size == "auto":
+        batch_size = auto_batch_size(model, max(map(len, encoded), default=0) + max_new_tokens, num_beams)
     outputs: list[str] = [""] * len(encoded)
     pad_id = tokenizer.pad_token_id
     stops = stop_token_ids(tokenizer)

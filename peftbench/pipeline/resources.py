@@ -107,7 +107,8 @@ def disk_full_as_error(stage: str, where):
 def _lean_fix(stage: str, recipe) -> str:
     if stage.endswith("eval"):
         size = recipe.recipe.evaluation.batch_size if recipe is not None else 16
-        return (f"lower evaluation.batch_size (now {size}, e.g. evaluation.batch_size={max(1, size // 2)}) "
+        lower = "e.g. evaluation.batch_size=16" if size == "auto" else f"e.g. evaluation.batch_size={max(1, size // 2)}"
+        return (f"lower evaluation.batch_size (now {size}, {lower}) "
                 "or evaluation.max_new_tokens, or use method qlora (4-bit base).")
     options = getattr(recipe, "trainer_options", None)
     batch, accum = getattr(options, "batch_size", None), getattr(options, "grad_accum", None)
