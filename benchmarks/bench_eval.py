@@ -38,6 +38,7 @@ def parse_args(argv=None):
     p.add_argument("--check-n", type=int, default=8, help="dialogues whose outputs are compared (float32)")
     p.add_argument("--check-model", default=None, help="real weights (directory or .gguf) for the output comparison; "
                    "default: the random model, whose greedy outputs mostly repeat one token")
+    p.add_argument("--model", default=None, help="time real weights (directory or .gguf) instead of the random 1B shape")
     p.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes for the batched path "
                    "(default: the recipe's evaluation.batch_size default)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -45,13 +46,13 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
-def load_dialogues(path: str, n: int) -> list[str]:
+def load_dialogues(path: str, n: int, with_summaries: bool = False) -> list:
     out = []
     with open(path, encoding="utf-8") as f:
         for line in f:
             row = json.loads(line)
             if row["dialogue"].strip():
-                out.append(row["dialogue"])
+                out.append((row["dialogue"], row.get("summary", "")) if with_summaries else row["dialogue"])
             if len(out) == n:
                 break
     return out
@@ -96,21 +97,34 @@ def main(argv=None) -> dict:
 
         data = str(BUNDLED / "test.jsonl")
     n = min(args.n, 24) if args.small else args.n
-    dialogues = load_dialogues(data, n)
+    rows = load_dialogues(data, n, with_summaries=True)
+    dialogues, references = [d for d, _ in rows], [r for _, r in rows]
     prompt = PromptSection(max_source_tokens=448)
     default_batch = EvaluationSection().batch_size
-    batch_sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [default_batch]
-    shape = TINY if args.small else LLAMA_1B
-    config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **shape)
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = LlamaForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
-        # Rows past the tokenizer's vocabulary (SmolLM2's 49k of Llama's 128k) get zero embeddings,
-        # hence zero logits, so greedy decoding picks only tokens the tokenizer can decode.
-        model.get_input_embeddings().weight.data[len(tokenizer):] = 0
-    print(f"{len(dialogues)} dialogues; model {'tiny' if args.small else 'Llama-3.2-1B'} shape, random weights, "
-          f"{model.dtype}, attention {model.config._attn_implementation}, on {device}", flush=True)
+    batch_sizes = [b if b == "auto" else int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes else [default_batch]
+    if args.model:
+        from transformers import AutoModelForCausalLM
+
+        from peftbench.pipeline.modeling import load_tokenizer as load_model_tokenizer, resolve_model_source
+
+        source = resolve_model_source(args.model)
+        tokenizer = load_model_tokenizer(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.bfloat16 if device == "cuda" else torch.float32)
+        model = model.to(device).eval()
+        what = f"{args.model}, real weights"
+    else:
+        shape = TINY if args.small else LLAMA_1B
+        config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                             pad_token_id=tokenizer.pad_token_id, **shape)
+        torch.manual_seed(0)
+        with torch.device(device):
+            model = LlamaForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32).eval()
+            # Rows past the tokenizer's vocabulary (SmolLM2's 49k of Llama's 128k) get zero embeddings,
+            # hence zero logits, so greedy decoding picks only tokens the tokenizer can decode.
+            model.get_input_embeddings().weight.data[len(tokenizer):] = 0
+        what = f"{'tiny' if args.small else 'Llama-3.2-1B'} shape, random weights"
+    print(f"{len(dialogues)} dialogues; model {what}, {model.dtype}, attention {model.config._attn_implementation}, "
+          f"on {device}", flush=True)
     new = args.max_new_tokens
     single_n = min(args.single_n, len(dialogues))
 
@@ -122,19 +136,24 @@ def main(argv=None) -> dict:
 
     batched = {}
     for bs in batch_sizes:
-        generate_summaries(model, tokenizer, prompt, dialogues[:bs], batch_size=bs, max_new_tokens=new)  # warm-up
+        warm = 16 if bs == "auto" else bs
+        generate_summaries(model, tokenizer, prompt, dialogues[:warm], batch_size=bs, max_new_tokens=new)  # warm-up
         outputs, seconds = timed(lambda: generate_summaries(model, tokenizer, prompt, dialogues, batch_size=bs,
                                                             max_new_tokens=new), device)
-        batched[bs] = {"seconds": round(seconds, 2), "dialogues_per_s": round(len(dialogues) / seconds, 2),
+        from peftbench.pipeline.evaluation import rouge
+
+        scores, rouge_s = timed(lambda: rouge(outputs, references), "cpu")
+        batched[bs] = {"seconds": round(seconds, 2), "rouge_seconds": round(rouge_s, 2), "rouge1": scores["rouge1"],
+                       "seconds_with_rouge": round(seconds + rouge_s, 2), "dialogues_per_s": round(len(dialogues) / seconds, 2),
                        "speedup_vs_one_at_a_time": round(per_dialogue * len(dialogues) / seconds, 1),
                        "mean_summary_chars": round(sum(map(len, outputs)) / len(outputs), 1)}
-        print(f"batched, batch {bs}: {seconds:.1f} s for {len(dialogues)} ({batched[bs]['speedup_vs_one_at_a_time']}x)",
-              flush=True)
+        print(f"batched, batch {bs}: {seconds:.1f} s for {len(dialogues)} ({batched[bs]['speedup_vs_one_at_a_time']}x), "
+              f"+ ROUGE {rouge_s:.1f} s (ROUGE-1 {scores['rouge1']:.2f})", flush=True)
 
     # Identity: greedy outputs of both paths, in float32 so that rounding cannot flip a near-tie.
     check_n = min(args.check_n, len(dialogues))
     check_what = "the random model"
-    if args.check_model:
+    if args.check_model and args.check_model != args.model:
         from transformers import AutoModelForCausalLM
 
         from peftbench.pipeline.modeling import load_tokenizer as load_model_tokenizer, resolve_model_source
@@ -146,6 +165,7 @@ def main(argv=None) -> dict:
         check_what = f"real weights ({args.check_model})"
     else:
         model = model.float()
+        check_what = what
     single = summarise_one_at_a_time(model, tokenizer, prompt, dialogues[:check_n], new)
     together = generate_summaries(model, tokenizer, prompt, dialogues[:check_n], batch_size=check_n, max_new_tokens=new)
     identical = sum(a == b for a, b in zip(single, together))
@@ -155,7 +175,7 @@ def main(argv=None) -> dict:
     report = {
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
         "torch": torch.__version__, "transformers": __import__("transformers").__version__,
-        "model": ("tiny" if args.small else "Llama-3.2-1B") + " shape, random weights, bf16 (float32 for the identity check)",
+        "model": what + ", bf16 on a GPU (float32 for the identity check)",
         "dialogues": len(dialogues), "max_new_tokens": new, "prompt_max_tokens": prompt.max_source_tokens,
         "one_at_a_time": {"timed_dialogues": single_n, "seconds_timed": round(single_s, 2),
                           "seconds_per_dialogue": round(per_dialogue, 3),
