@@ -114,8 +114,7 @@ def main(argv=None) -> dict:
         what = f"{args.model}, real weights"
     else:
         shape = TINY if args.small else LLAMA_1B
-        config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                             pad_token_id=tokenizer.pad_token_id, **shape)
+        config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **shape)
         torch.manual_seed(0)
         with torch.device(device):
             model = LlamaForCausalLM(config).to(torch.bfloat16 if device == "cuda" else torch.float32).eval()

@@ -82,8 +82,9 @@ def load_tokenizer(path: str | None):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    if tokenizer.pad_token is None:  # transformers < 5.23 builds SmolLM2's tokenizer without one
-        tokenizer.pad_token = tokenizer.eos_token
+    from peftbench.pipeline.chat import complete_special_tokens
+
+    complete_special_tokens(tokenizer)  # transformers 5.17: eos <|im_start|>, no pad token (see there)
     return tokenizer
 
 
@@ -112,8 +113,9 @@ def build_random_model(directory: Path, shape: dict, tokenizer, device: str) -> 
     """Save a randomly initialised Llama of ``shape``; returns its parameter count."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id, **shape)
+    # No pad_token_id: Llama-3.2-1B's config has none, and with one the random init zeroes that
+    # token's embedding row (issue 13's NaN: the pad was <|im_start|>, in every example).
+    config = LlamaConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, **shape)
     torch.manual_seed(0)
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
     with torch.device(device):  # initialising 1.2B parameters on the GPU takes a second, on the CPU a minute

