@@ -198,9 +198,13 @@ class MethodConformance:
         if method.quantization_config(options, ctx.policy) is None:
             expected = self.logits(model, batch)
         else:
-            # Trained on a quantised base, merged into full-precision weights: the merge must match the
-            # trained weights on that full-precision base (the quantisation error is not the merge's).
-            expected = self.logits(method.load(ctx.load_base_model(quantized=False), ctx.adapter_dir, options), batch)
+            # Trained on a quantised base, merged into 16-bit weights (the original ones, or the 4-bit ones
+            # dequantised: the method's merge_into): the merge must match the trained weights applied
+            # to that same 16-bit base (the quantisation error is not the merge's).
+            from peftbench.api import base_for_merge
+
+            target = getattr(options, "merge_into", "original")
+            expected = self.logits(method.load(base_for_merge(ctx, target), ctx.adapter_dir, options), batch)
         merged = method.merge(model, options, ctx)
         assert isinstance(merged, PreTrainedModel), f"merge() returned {type(merged).__name__}, not a transformers model"
         leftovers = {type(m).__name__ for m in merged.modules() if type(m).__module__.startswith("peft.")}
