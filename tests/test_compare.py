@@ -458,6 +458,7 @@ def test_search_then_seeds_end_to_end(tmp_path, base_file):
     assert final["run_info"]["comparison"]["chosen_by"] == {"split": "selection", "metric": "rouge1",
                                                            "value": scores[best], "search_run": f"search/{best}"}
     assert (tmp_path / "runs" / "recipes" / f"{best}-seed2.out").is_file(), "side-by-side runs write their output to a file"
+    assert final["meta_info"]["system_info"]["runs_side_by_side"] == 2, "their speed figures are marked as shared"
     report = (tmp_path / "cmp.md").read_text()
     assert "## Search" in report and "chosen |" in report and "## Ranking by ROUGE-1" in report
     assert report.count("| lora |") == 2, "both searched points are listed"

@@ -375,7 +375,8 @@ def _environment(runs: list[Run]) -> list[str]:
             continue
         sysinfo = meta.get("system_info", {})
         device = sysinfo.get("accelerator") or sysinfo.get("device", "?")
-        text = (f"{device} ({sysinfo.get('compute_dtype', '?')}, {sysinfo.get('cpu_count', '?')} CPU cores, "
+        side = f", {sysinfo['runs_side_by_side']} runs side by side" if sysinfo.get("runs_side_by_side") else ""
+        text = (f"{device} ({sysinfo.get('compute_dtype', '?')}{side}, {sysinfo.get('cpu_count', '?')} CPU cores, "
                 f"{sysinfo.get('system', '?')} {sysinfo.get('machine', '')}".rstrip() + "), Python "
                 f"{sysinfo.get('python', '?')}; " + ", ".join(f"{k} {v}" for k, v in versions(meta.get("package_info", {})).items()))
         described.setdefault(text, []).append(run.name)

@@ -18,6 +18,7 @@ from peftbench.compare.report import write_report
 from peftbench.console import console
 from peftbench.errors import ERROR_FILE_ENV, PeftbenchError
 from peftbench.files import atomic_write_json, atomic_write_text, read_json
+from peftbench.pipeline.device import RUNS_SHARING_GPU_ENV
 from peftbench.pipeline.record import new_record, recorded_status
 
 
@@ -90,6 +91,8 @@ class _Runner:
         error_file = self.recipes_dir / f"{run.name}.error"
         error_file.unlink(missing_ok=True)
         env = {**os.environ, ERROR_FILE_ENV: str(error_file)}
+        if parallel:  # each run plans its GPU memory for its share of the device
+            env[RUNS_SHARING_GPU_ENV] = str(self.jobs)
         if parallel:  # interleaved progress bars would be unreadable: each run's output goes to its own file
             console.print(f"{title}: {run.name} started (output: {self.recipes_dir / (run.name + '.out')})")
             with open(self.recipes_dir / f"{run.name}.out", "w", encoding="utf-8") as out:

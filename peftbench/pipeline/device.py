@@ -8,6 +8,22 @@ from dataclasses import dataclass, field
 import torch
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# Set by a comparison that runs N runs side by side (`--jobs N`): each plans its memory for a 1/N share.
+RUNS_SHARING_GPU_ENV = "PEFTBENCH_RUNS_SHARING_GPU"
+
+
+def free_gpu_memory() -> int:
+    """Bytes of GPU memory this run may plan for: what is free now, divided among the runs that share
+    the GPU. Runs started together each see the whole GPU free; planning on all of it (gradient
+    checkpointing off, a large generation batch) put 17 side-by-side SAMSum runs at 138 of 141 GB."""
+    import os
+
+    free, _ = torch.cuda.mem_get_info()
+    try:
+        sharing = max(1, int(os.environ.get(RUNS_SHARING_GPU_ENV, "1")))
+    except ValueError:
+        sharing = 1
+    return free // sharing
 
 
 @dataclass

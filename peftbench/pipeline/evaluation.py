@@ -78,7 +78,9 @@ def auto_batch_size(model, longest_tokens: int, num_beams: int = 1) -> int:
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
     dtype_bytes = torch.finfo(next(model.parameters()).dtype).bits // 8 if next(model.parameters()).is_floating_point() else 2
     per_sequence = 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes * longest_tokens * num_beams
-    free, _ = torch.cuda.mem_get_info(device)
+    from peftbench.pipeline.device import free_gpu_memory
+
+    free = free_gpu_memory()
     batch = MAX_AUTO_BATCH
     while batch > 1 and batch * per_sequence > AUTO_MEMORY_SHARE * free:
         batch //= 2

@@ -233,12 +233,14 @@ def checkpointing_needed(config, tokens: int, device: str) -> tuple[bool, str]:
     """Whether a pass of ``tokens`` tokens needs gradient checkpointing to fit, and why."""
     if device != "cuda":
         return False, f"no checkpointing on {device}: memory is not the limit there"
-    free, _ = torch.cuda.mem_get_info()
+    from peftbench.pipeline.device import free_gpu_memory
+
+    free = free_gpu_memory()
     need = activation_bytes(config, tokens)
     budget = CHECKPOINTING_MEMORY_FRACTION * free
     verdict = need > budget
     why = (f"activations of a {tokens}-token pass ~{need / 2**30:.1f} GiB "
-           f"{'>' if verdict else '<='} {budget / 2**30:.1f} GiB ({CHECKPOINTING_MEMORY_FRACTION:.0%} of free)")
+           f"{'>' if verdict else '<='} {budget / 2**30:.1f} GiB ({CHECKPOINTING_MEMORY_FRACTION:.0%} of this run's free share)")
     return verdict, why
 
 
