@@ -138,6 +138,11 @@ def _lock(run_dir: Path) -> None:
     _LOCKS[key] = fd
 
 
+def claim_run_dir(run_dir: Path) -> None:
+    """Hold a run directory for this process (`peftbench export` on a finished run), as a run does."""
+    _lock(run_dir)
+
+
 def release_run_dir(run_dir: Path) -> None:
     fd = _LOCKS.pop(run_dir.resolve(), None)
     if fd is not None:
@@ -244,16 +249,23 @@ def load_data(run: RunState) -> None:
         if not {"validation", "test"} & set(run.data.splits):
             raise PeftbenchError("the dataset has only a train split, and peftbench evaluates on a test or validation split.",
                                  "add validation.jsonl (or test.jsonl) beside train.jsonl, in the same format.")
-        split_name = r.evaluation.split if r.evaluation.split in run.data.splits else "validation"
-        if split_name != r.evaluation.split:
-            policy.note(f"evaluation split {r.evaluation.split} -> validation: the dataset has no {r.evaluation.split} split")
-        split = run.data.splits[split_name]
-        if r.evaluation.max_samples:
-            split = split.select(range(min(r.evaluation.max_samples, len(split))))
+        split_name, split = evaluation_split(r.evaluation, run.data, policy)
         run.eval_split = run.ctx.eval_dataset = split
         run.record.data["meta_info"]["dataset_info"] = {"name": run.recipe.dataset.name, **run.data.stats,
                                                         "eval_split": split_name, "eval_rows": len(split)}
         st["rows"] = run.data.stats.get("rows")
+
+
+def evaluation_split(evaluation, data, policy) -> tuple[str, Any]:
+    """(name, rows) of the split a run scores: the recipe's, else validation; the first max_samples.
+    `peftbench export` scores a finished run's GGUF on these same rows."""
+    split_name = evaluation.split if evaluation.split in data.splits else "validation"
+    if split_name != evaluation.split:
+        policy.note(f"evaluation split {evaluation.split} -> validation: the dataset has no {evaluation.split} split")
+    split = data.splits[split_name]
+    if evaluation.max_samples:
+        split = split.select(range(min(evaluation.max_samples, len(split))))
+    return split_name, split
 
 
 def load_base_model(run: RunState) -> None:
