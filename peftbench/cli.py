@@ -189,7 +189,7 @@ def _cmd_smoke(args) -> int:
     from peftbench.smoke import run_smoke_command
 
     return run_smoke_command(args.gguf, data=args.data, n=args.n, hf_predictions=args.hf_predictions,
-                             margin=args.margin, recipe=args.recipe, output=args.output)
+                             margin=args.margin, recipe=args.recipe, output=args.output, parallel=args.parallel)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -263,6 +263,8 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--recipe", metavar="RECIPE_OR_RUN_DIR",
                        help="take the prompt and max_new_tokens from this recipe or run directory (default: recipe defaults)")
     smoke.add_argument("-o", "--output", metavar="FILE", help="write the answers and per-answer checks as JSON Lines")
+    smoke.add_argument("--parallel", type=int, default=8, metavar="P",
+                       help="sequences llama.cpp decodes in one batch (default 8; 1 answers one at a time)")
     smoke.set_defaults(func=_cmd_smoke)
 
     doctor = sub.add_parser("doctor", help="check Python, torch/CUDA, GPU, bf16, bitsandbytes 4-bit, llama.cpp, disk",

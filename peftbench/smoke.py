@@ -367,11 +367,13 @@ def answer_examples(gguf: str, examples: list[dict], prompt, max_new_tokens: int
 def answer_batched(llm, tokenizer: GgufTokenizer, prompt, examples: list[dict], max_new_tokens: int, parallel: int,
                    threads: int, progress=None) -> list[Answer]:
     """Greedy answers, ``parallel`` sequences decoded together (continuous batching, as llama.cpp's
-    examples/parallel): each llama_decode call holds the next token of every running sequence plus
-    the whole prompt of any sequence that starts; a finished sequence's KV cells are removed and
-    the next example takes its sequence id. Prompts, stopping and cutting are ``summarise``'s."""
-    import ctypes
+    examples/parallel): one llama_decode call holds the next token of every running sequence; a
+    finished sequence's KV cells are removed and the next example's prompt takes its sequence id.
+    Prompts, stopping and cutting are ``summarise``'s.
 
+    A prompt is decoded on its own, not in the same call as other sequences' next tokens: with one
+    KV stream per sequence llama.cpp (llama-cpp-python 0.3.36) splits a mixed batch into equal-length
+    pieces per sequence, and prompts decoded that way ran several times slower than alone."""
     import llama_cpp
     import numpy as np
     from llama_cpp._internals import LlamaContext
@@ -391,11 +393,11 @@ def answer_batched(llm, tokenizer: GgufTokenizer, prompt, examples: list[dict], 
     # With one unified cache (llama-cpp-python 0.3.36) every sequence attends over all sequences' cells
     # behind a mask, which was 10x slower at 8 sequences on 2 cores, and its answers changed with the
     # batch's make-up (1 of 4 chatsum answers identical to one-at-a-time); per-sequence streams gave
-    # the same tokens as ``summarise`` for every answer we compared (benchmarks/bench_smoke.py).
+    # the same tokens as ``summarise`` for every answer we compared with the Q4_1 file.
     params.kv_unified = False
     params.n_ctx = parallel * per_sequence
-    params.n_batch = max(per_sequence + parallel, 512)  # a whole prompt plus every running sequence's next token
-    params.n_ubatch = 512
+    params.n_batch = max(per_sequence, parallel)  # a whole prompt in one llama_decode call
+    params.n_ubatch = min(512, params.n_batch)  # as llama_cpp.Llama: its pieces are computed like one-at-a-time prompts
     params.n_threads = params.n_threads_batch = threads
     ctx = LlamaContext(model=llm._model, params=params, verbose=False)
     batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
@@ -404,49 +406,51 @@ def answer_batched(llm, tokenizer: GgufTokenizer, prompt, examples: list[dict], 
     answers: list[Answer | None] = [None] * len(examples)
     pending = list(range(len(examples)))[::-1]  # popped from the end: examples in their order
     running: dict[int, dict] = {}  # seq id -> {"index", "generated", "pos", "next"}
+
+    def decode(tokens: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, seq id, wants logits) entries."""
+        batch.n_tokens = len(tokens)
+        for i, (token, pos, seq, logits) in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        rc = llama_cpp.llama_decode(ctx.ctx, batch)
+        if rc != 0:
+            raise PeftbenchError(f"llama.cpp could not decode a batch of {len(tokens)} tokens (llama_decode returned {rc}).",
+                                 "run the smoke test with one sequence at a time (parallel=1).")
+
+    def take(seq: int, row: int) -> None:
+        """The greedy next token of ``seq`` from logits row ``row``; finish the sequence or go on."""
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, row), shape=(n_vocab,))
+        token = int(np.argmax(logits))  # greedy: llama.cpp's greedy sampler also takes the first maximum
+        state = running[seq]
+        ended = tokenizer.is_end_of_generation(token)
+        if not ended:
+            state["generated"].append(token)
+        if ended or len(state["generated"]) >= budget:
+            index = state["index"]
+            answers[index] = _answer(tokenizer, state["generated"], ended, max_new_tokens, str(examples[index]["id"]))
+            llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
+            del running[seq]
+            if progress is not None:
+                progress(1)
+        else:
+            state["next"] = token
+
     try:
         while pending or running:
-            batch.n_tokens = 0
-            outputs = {}  # seq id -> index of its logits row in the batch
-
-            def add(token: int, pos: int, seq: int, logits: bool) -> None:
-                i = batch.n_tokens
-                batch.token[i], batch.pos[i], batch.n_seq_id[i] = token, pos, 1
-                batch.seq_id[i][0], batch.logits[i] = seq, logits
-                batch.n_tokens = i + 1
-
-            for seq, state in running.items():
-                add(state["next"], state["pos"], seq, True)
-                outputs[seq] = batch.n_tokens - 1
-                state["pos"] += 1
-            for seq in range(parallel):
-                if seq in running or not pending or batch.n_tokens + len(prompts[pending[-1]]) > params.n_batch:
-                    continue
-                index = pending.pop()
-                for pos, token in enumerate(prompts[index]):
-                    add(token, pos, seq, pos == len(prompts[index]) - 1)
-                outputs[seq] = batch.n_tokens - 1
-                running[seq] = {"index": index, "generated": [], "pos": len(prompts[index])}
-            rc = llama_cpp.llama_decode(ctx.ctx, batch)
-            if rc != 0:
-                raise PeftbenchError(f"llama.cpp could not decode a batch of {batch.n_tokens} tokens (llama_decode returned {rc}).",
-                                     "run the smoke test with fewer sequences at once (parallel=1 answers one at a time).")
-            for seq, row in outputs.items():
-                logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, row), shape=(n_vocab,))
-                token = int(np.argmax(logits))  # greedy: llama.cpp's greedy sampler also takes the first maximum
-                state = running[seq]
-                ended = tokenizer.is_end_of_generation(token)
-                if not ended:
-                    state["generated"].append(token)
-                if ended or len(state["generated"]) >= budget:
-                    ex = examples[state["index"]]
-                    answers[state["index"]] = _answer(tokenizer, state["generated"], ended, max_new_tokens, str(ex["id"]))
-                    llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
-                    del running[seq]
-                    if progress is not None:
-                        progress(1)
-                else:
-                    state["next"] = token
+            free = [seq for seq in range(parallel) if seq not in running]
+            if free and pending:  # start the next example in a free sequence
+                seq, index = free[0], pending.pop()
+                ids = prompts[index]
+                decode([(token, pos, seq, pos == len(ids) - 1) for pos, token in enumerate(ids)])
+                running[seq] = {"index": index, "generated": [], "pos": len(ids)}
+                take(seq, len(ids) - 1)
+                continue
+            order = list(running)
+            decode([(running[seq]["next"], running[seq]["pos"], seq, True) for seq in order])
+            for row, seq in enumerate(order):
+                running[seq]["pos"] += 1
+                take(seq, row)
     finally:
         llama_cpp.llama_batch_free(batch)
         ctx.close()
@@ -594,7 +598,8 @@ def prompt_settings(recipe_path: str | None):
 
 
 def run_smoke_command(gguf: str, *, data: str | None = None, n: int | None = None, hf_predictions: str | None = None,
-                      margin: float = 1.5, recipe: str | None = None, output: str | None = None) -> int:
+                      margin: float = 1.5, recipe: str | None = None, output: str | None = None,
+                      parallel: int = SMOKE_PARALLEL) -> int:
     """`peftbench smoke`: 0 when every check passes, 1 when one fails (each failure printed)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -602,13 +607,15 @@ def run_smoke_command(gguf: str, *, data: str | None = None, n: int | None = Non
     from peftbench.console import console
 
     require_gguf_file(gguf)  # before the data loads and the progress bar starts
+    if parallel < 1:
+        raise PeftbenchError(f"--parallel {parallel} is not a number of sequences.", "pass 1 (one at a time) or more.")
     prompt, max_new_tokens = prompt_settings(recipe)
     examples = load_examples(data, n)
     hf = read_predictions(hf_predictions) if hf_predictions else None
     with Progress(TextColumn("[bold]llama.cpp"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("gguf", total=len(examples))
         result = smoke_test(gguf, examples, prompt, max_new_tokens=max_new_tokens, hf_predictions=hf, margin=margin,
-                            progress=lambda k: bar.advance(task, k))
+                            parallel=parallel, progress=lambda k: bar.advance(task, k))
     if output:
         write_answers(Path(output), result)
 
@@ -621,6 +628,9 @@ def run_smoke_command(gguf: str, *, data: str | None = None, n: int | None = Non
     for label, scores in rows:
         table.add_row(label, *(f"{scores[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")))
     console.print(table)
+    g = result.generation
+    console.print(f"llama.cpp: {g['generated_tokens']} tokens generated in {g['decode_s']} s ({g['tokens_per_second']} tokens/s), "
+                  f"{g['parallel']} sequence(s) at once, {g['threads']} threads")
     ended = sum(a.ended_at_eot for a in result.answers)
     console.print(f"{ended} of {len(result.answers)} answers ended at end-of-turn; "
                   f"{sum(not a.text for a in result.answers)} empty; "

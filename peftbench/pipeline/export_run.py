@@ -16,6 +16,7 @@ found before anything is written.
 from __future__ import annotations
 
 import shutil
+from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -98,12 +99,16 @@ def export_recipe(run_dir: Path, to: list[str], quant_types: list[str] | None, o
     return validate_recipe(apply_overrides(raw, translated), source=str(run_dir / "recipe.yaml"))
 
 
-def copy_run(source: Path, target: Path) -> Path:
-    """--output-dir: a new run directory with what the exports read (adapter, recipe, record,
-    predictions), written whole or not at all."""
+def require_new_directory(target: Path) -> None:
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise PeftbenchError(f"--output-dir '{target}' exists and is not an empty directory.",
                              "pass a new directory, or leave --output-dir out to export into the run directory.")
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    """--output-dir: a new run directory with what the exports read (adapter, recipe, record,
+    predictions), written whole or not at all."""
+    require_new_directory(target)
     if target.exists():
         target.rmdir()
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -118,26 +123,23 @@ def export_run(run_dir: str | Path, *, to: list[str] = ("gguf",), quant_types: l
                output_dir: str | Path | None = None, overrides: list[str] = (), command: str | None = None) -> dict:
     """Export a finished run; returns its run.json (written into the run directory or ``output_dir``)."""
     from peftbench.pipeline.context import RunContext
-    from peftbench.pipeline.device import resolve_policy
-    from peftbench.pipeline.modeling import load_tokenizer, resolve_model_source
     from peftbench.pipeline.record import RunRecord
     from peftbench.pipeline.report import print_quantization_table, render_run_report
-    from peftbench.pipeline.runner import RunState, claim_run_dir, evaluation_split, export, release_run_dir
+    from peftbench.pipeline.runner import RunState, claim_run_dir, export, release_run_dir
 
     source = require_finished_run(Path(run_dir))
+    if output_dir:
+        require_new_directory(Path(output_dir))
     recipe = export_recipe(source, list(to), quant_types, list(overrides))
-    r = recipe.recipe
-    policy = resolve_policy(r.model.dtype)
-    console.rule("[bold]base model and examples")
-    model_source = resolve_model_source(r.model.name, r.model.gguf_file)  # a missing base model: one line, nothing written
-    tokenizer = load_tokenizer(model_source, r.model.trust_remote_code, r.model.revision)
-    data = recipe.dataset.load(recipe.dataset_options, r.seed)
-    _, examples = evaluation_split(r.evaluation, data, policy)
-    _require_same_examples(source, examples)
+    policy, model_source, tokenizer, examples = what_the_export_reads(recipe, source)
 
     target = copy_run(source, Path(output_dir)) if output_dir else source
-    claim_run_dir(target)  # no `peftbench run --overwrite` or second export on it meanwhile
-    try:
+    with ExitStack() as on_exit:
+        claim_run_dir(target)  # no `peftbench run --overwrite` or second export on it meanwhile
+        on_exit.callback(release_run_dir, target)
+        from peftbench.library_output import run_log
+
+        on_exit.enter_context(run_log(target / "run.log"))  # library output of the export, after the run's
         record = RunRecord.reopen(target)
         ctx = RunContext(recipe=recipe, run_dir=target, policy=policy, model_source=model_source, tokenizer=tokenizer,
                          eval_dataset=examples, record=record.data)
@@ -153,11 +155,37 @@ def export_run(run_dir: str | Path, *, to: list[str] = ("gguf",), quant_types: l
         # report.md before run.json, as a run finishes: a kill in between leaves the old record, whole.
         atomic_write_text(target / "report.md", render_run_report(record.data))
         record.save()
-    finally:
-        release_run_dir(target)
     print_export_summary(record.data, recipe, target)
     print_quantization_table(record.data)
     return record.data
+
+
+def what_the_export_reads(recipe, run_dir: Path):
+    """(device policy, model source, tokenizer, evaluation examples) on this machine: the base model
+    and the data the run used, each found (or refused in one line) before anything is written."""
+    from peftbench.pipeline.device import resolve_policy
+    from peftbench.pipeline.modeling import load_tokenizer, resolve_model_source
+    from peftbench.pipeline.runner import evaluation_split
+
+    r = recipe.recipe
+    if r.model.trust_remote_code:  # the run was started with model.trust_remote_code=true on its command line
+        from peftbench.pipeline.recipe import warn_remote_code
+
+        warn_remote_code(r.model.name)
+    import datasets  # noqa: F401  (imported here so that their progress bars are quieted before they run)
+    import transformers  # noqa: F401
+
+    from peftbench.library_output import quiet_progress_bars
+
+    quiet_progress_bars()
+    policy = resolve_policy(r.model.dtype)
+    console.rule("[bold]base model and examples")
+    model_source = resolve_model_source(r.model.name, r.model.gguf_file)  # a missing base model: one line, nothing written
+    tokenizer = load_tokenizer(model_source, r.model.trust_remote_code, r.model.revision)
+    data = recipe.dataset.load(recipe.dataset_options, r.seed)
+    _, examples = evaluation_split(r.evaluation, data, policy)
+    _require_same_examples(run_dir, examples)
+    return policy, model_source, tokenizer, examples
 
 
 def _require_same_examples(run_dir: Path, examples) -> None:
