@@ -321,9 +321,10 @@ def _some(ids: list[str], shown: int = 3) -> str:
     return ", ".join(ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
 
 
-# Sequences llama.cpp decodes together in the smoke test. One SmolLM2-135M Q4_K_M answer at a time
-# leaves 2 cores mostly waiting on memory; 8 in one batch share every weight read (measured in
-# benchmarks/bench_smoke.py, see the README's "Train on a GPU, export on a laptop").
+# Sequences llama.cpp decodes together in the smoke test: each generation step reads the weights once
+# for all of them. On 2 cores with SmolLM2-135M Q4_K_M, 8 were 1.18-1.22x as fast as one at a time and
+# 16 1.32x (benchmarks/bench_smoke.py; prompts, decoded one by one, are most of the time there); 8
+# changed fewer answers than 16 (README, "Train on a GPU, export on a laptop").
 SMOKE_PARALLEL = 8
 
 
