@@ -1,4 +1,4 @@
-"""Command line: ``peftbench run|validate|report|plugins|methods|smoke|doctor``.
+"""Command line: ``peftbench run|export|validate|report|plugins|methods|smoke|doctor``.
 
 Problems the user can fix (PeftbenchError) print as one line and exit with code 2, no traceback.
 """
@@ -180,11 +180,23 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _cmd_export(args) -> int:
+    import shlex
+
+    from peftbench.pipeline.export_run import exit_code, export_run
+
+    command = shlex.join(["peftbench", "export", *args.argv[1:]])
+    with _sigterm_as_interrupt():
+        record = export_run(args.run_dir, to=args.to, quant_types=args.quant_type, output_dir=args.output_dir,
+                            overrides=args.overrides, command=command)
+    return exit_code(record)
+
+
 def _cmd_smoke(args) -> int:
     from peftbench.smoke import run_smoke_command
 
     return run_smoke_command(args.gguf, data=args.data, n=args.n, hf_predictions=args.hf_predictions,
-                             margin=args.margin, recipe=args.recipe, output=args.output)
+                             margin=args.margin, recipe=args.recipe, output=args.output, parallel=args.parallel)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,6 +234,24 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("-o", "--output", required=True, help="Markdown file to write, e.g. reports/NAME.md")
     report.set_defaults(func=_cmd_report)
 
+    export = sub.add_parser(
+        "export", help="export a finished run: merged checkpoint, GGUF (several quantisation types), Ollama Modelfile",
+        description="Run the exporters on a finished run (its recipe.yaml and adapter/), on any machine that has the base "
+                    "model: the GGUF is smoke-tested with llama.cpp against the run's own HF predictions on the same "
+                    "examples. Files go into RUN_DIR/exports (or --output-dir); run.json and report.md gain the exports "
+                    "and their scores. Exits 1 when an export fails.")
+    export.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory, e.g. runs/quickstart")
+    export.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="exporter options as NAME.key=value (gguf.margin=2, ollama.live_check=false, merged.dtype=float16), "
+                             "or where the base model/data are on this machine (model.name=..., dataset.path=...)")
+    export.add_argument("--to", nargs="+", default=["gguf"], metavar="FORMAT",
+                        help="merged, gguf and/or ollama (default: gguf; ollama also writes the GGUF)")
+    export.add_argument("--quant-type", nargs="+", metavar="TYPE",
+                        help="llama.cpp quantisation type(s), e.g. Q4_K_M Q5_K_M Q8_0: each is quantised from one f16 "
+                             "conversion and smoke-tested, and a table compares them (default: the run recipe's, else Q4_K_M)")
+    export.add_argument("--output-dir", help="write a copy of the run with its exports there instead of into RUN_DIR")
+    export.set_defaults(func=_cmd_export)
+
     plugins = sub.add_parser("plugins", help="list installed plugins, what they register, their hooks and versions")
     plugins.set_defaults(func=_cmd_plugins)
 
@@ -243,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--recipe", metavar="RECIPE_OR_RUN_DIR",
                        help="take the prompt and max_new_tokens from this recipe or run directory (default: recipe defaults)")
     smoke.add_argument("-o", "--output", metavar="FILE", help="write the answers and per-answer checks as JSON Lines")
+    smoke.add_argument("--parallel", type=int, default=8, metavar="P",
+                       help="sequences llama.cpp decodes in one batch (default 8; 1 answers one at a time)")
     smoke.set_defaults(func=_cmd_smoke)
 
     doctor = sub.add_parser("doctor", help="check Python, torch/CUDA, GPU, bf16, bitsandbytes 4-bit, llama.cpp, disk",

@@ -101,9 +101,10 @@ def use_extra_buffers() -> bool:
     return not (cpu_flags() & {"amx_int8", "amx_tile", "avx512f"})
 
 
-def load_gguf(path: str | Path, n_ctx: int):
+def load_gguf(path: str | Path, n_ctx: int, threads: int | None = None):
     """A llama_cpp.Llama for ``path``; problems become one-line PeftbenchErrors. Native crashes are
-    not caught here: call this in a child process (``peftbench.isolation``)."""
+    not caught here: call this in a child process (``peftbench.isolation``). ``threads``: llama.cpp's
+    threads for decoding and prompts (default: llama-cpp-python's)."""
     path = require_gguf_file(path)
     try:
         import llama_cpp
@@ -122,9 +123,9 @@ def load_gguf(path: str | Path, n_ctx: int):
     # builds the params from llama_model_default_params(), which we wrap while the model loads.
     llama_cpp_c.llama_model_default_params = model_params
     try:
-        # llama-cpp-python's default thread count (half the logical CPUs): on a busy machine more
-        # threads spin at llama.cpp's barriers and run several times slower.
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, verbose=False)
+        # Without ``threads``, llama-cpp-python's default (half the logical CPUs for decoding): on a busy
+        # machine more threads spin at llama.cpp's barriers. The smoke test passes every core it may use.
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
     except ValueError as e:  # llama-cpp-python reports every load failure as ValueError
         raise PeftbenchError(f"llama.cpp could not load '{path}': {e}", "re-export it; check it with `python -m gguf.scripts.gguf_dump`.") from None
     finally:
@@ -245,6 +246,10 @@ def summarise(llm, tokenizer: GgufTokenizer, prompt, dialogue: str, max_new_toke
         generated.append(token)
         if len(generated) >= budget:
             break
+    return _answer(tokenizer, generated, ended, max_new_tokens, ident)
+
+
+def _answer(tokenizer: GgufTokenizer, generated: list[int], ended: bool, max_new_tokens: int, ident: str) -> Answer:
     full_text = tokenizer.decode(generated)
     leaked = sorted({tokenizer.token_text(t) for t in generated if tokenizer.is_control(t)}
                     | {m for m in tokenizer.markers if m in full_text})
@@ -263,6 +268,7 @@ class SmokeResult:
     scores: dict  # ROUGE of the GGUF's answers against the references
     seconds: float
     margin: float
+    generation: dict = field(default_factory=dict)  # generated_tokens, decode_s, tokens_per_second, parallel, threads
     hf_scores: dict | None = None  # ROUGE of the HF predictions on the same examples
     agreement: dict | None = None  # ROUGE of the GGUF's answers against the HF predictions
     problems: list[str] = field(default_factory=list)
@@ -307,6 +313,7 @@ class SmokeResult:
             "hf_rouge1_same_examples": self.hf_scores["rouge1"] if self.hf_scores else None,
             "agreement_with_hf": self.agreement,
             "passed": self.passed, "problems": self.problems, "notes": self.notes,
+            "generation": self.generation,
         }
 
 
@@ -314,24 +321,146 @@ def _some(ids: list[str], shown: int = 3) -> str:
     return ", ".join(ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
 
 
-def answer_examples(gguf: str, examples: list[dict], prompt, max_new_tokens: int, progress=None) -> list[Answer]:
-    """The GGUF's answers to ``examples``. Runs llama.cpp in this process: call it through
-    ``peftbench.isolation.run_isolated`` (as ``smoke_test`` does)."""
-    llm = load_gguf(gguf, n_ctx=prompt.max_source_tokens + STOP_BUDGET_FACTOR * max_new_tokens + 8)
+# Sequences llama.cpp decodes together in the smoke test: each generation step reads the weights once
+# for all of them. On 2 cores with SmolLM2-135M Q4_K_M, 8 were 1.18-1.22x as fast as one at a time and
+# 16 1.32x (benchmarks/bench_smoke.py; prompts, decoded one by one, are most of the time there); 8
+# changed fewer answers than 16 (README, "Train on a GPU, export on a laptop").
+SMOKE_PARALLEL = 8
+
+
+def cpu_threads() -> int:
+    """The cores this process may use (llama-cpp-python's default for decoding is half the logical
+    CPUs: one thread on a 2-core machine)."""
+    try:
+        return max(len(os.sched_getaffinity(0)), 1)
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def answer_examples(gguf: str, examples: list[dict], prompt, max_new_tokens: int, parallel: int = SMOKE_PARALLEL,
+                    progress=None) -> dict:
+    """The GGUF's answers to ``examples`` ({"answers", "generated_tokens", "decode_s", "parallel",
+    "threads"}). ``parallel`` > 1 decodes that many sequences in one llama.cpp batch
+    (``answer_batched``); 1 answers one at a time through ``llm.generate`` (``summarise``). Runs
+    llama.cpp in this process: call it through ``peftbench.isolation.run_isolated`` (as
+    ``smoke_test`` does)."""
+    n_ctx = prompt.max_source_tokens + STOP_BUDGET_FACTOR * max_new_tokens + 8
+    threads = cpu_threads()
+    llm = load_gguf(gguf, n_ctx=n_ctx if parallel == 1 else 64, threads=threads)  # batched: its own context
     try:
         tokenizer = GgufTokenizer(llm)
-        answers = []
-        for ex in examples:
-            answers.append(summarise(llm, tokenizer, prompt, ex["dialogue"], max_new_tokens, ident=str(ex["id"])))
-            if progress is not None:
-                progress(1)
+        start = time.perf_counter()
+        if parallel == 1:
+            answers = []
+            for ex in examples:
+                answers.append(summarise(llm, tokenizer, prompt, ex["dialogue"], max_new_tokens, ident=str(ex["id"])))
+                if progress is not None:
+                    progress(1)
+        else:
+            answers = answer_batched(llm, tokenizer, prompt, examples, max_new_tokens, parallel, threads, progress)
+        decode_s = time.perf_counter() - start
     finally:
         llm.close()
+    return {"answers": answers, "generated_tokens": sum(a.tokens for a in answers), "decode_s": decode_s,
+            "parallel": parallel, "threads": threads}
+
+
+def answer_batched(llm, tokenizer: GgufTokenizer, prompt, examples: list[dict], max_new_tokens: int, parallel: int,
+                   threads: int, progress=None) -> list[Answer]:
+    """Greedy answers, ``parallel`` sequences decoded together (continuous batching, as llama.cpp's
+    examples/parallel): one llama_decode call holds the next token of every running sequence; a
+    finished sequence's KV cells are removed and the next example's prompt takes its sequence id.
+    Prompts, stopping and cutting are ``summarise``'s.
+
+    A prompt is decoded on its own, not in the same call as other sequences' next tokens: with one
+    KV stream per sequence llama.cpp (llama-cpp-python 0.3.36) splits a mixed batch into equal-length
+    pieces per sequence, and prompts decoded that way ran several times slower than alone."""
+    import llama_cpp
+    import numpy as np
+    from llama_cpp._internals import LlamaContext
+
+    budget = STOP_BUDGET_FACTOR * max_new_tokens
+    prompts = [encode_prompt(tokenizer, prompt, ex["dialogue"]) for ex in examples]
+    # Each sequence's share of the context, a multiple of 256: llama.cpp pads n_ctx to 256 and then
+    # warns on stderr that it is "not divisible by n_seq_max" unless every share is.
+    per_sequence = -(-(max(len(p) for p in prompts) + budget + 1) // 256) * 256
+    parallel = max(1, min(parallel, len(examples)))
+    # The settings llama_cpp.Llama gave its own context (flash attention off, cache types, rope, ...),
+    # so that a batched answer is computed like ``summarise``'s; llama_context_default_params() in
+    # llama-cpp-python 0.3.36 turns flash attention to "auto" (on, on the CPU), whose answers differ.
+    params = llama_cpp.llama_context_params.from_buffer_copy(llm.context_params)
+    params.n_seq_max = parallel
+    # One KV cache stream per sequence (kv_unified=false): a sequence attends over its own cells only.
+    # With one unified cache (llama-cpp-python 0.3.36) every sequence attends over all sequences' cells
+    # behind a mask, which was 10x slower at 8 sequences on 2 cores, and its answers changed with the
+    # batch's make-up (1 of 4 chatsum answers identical to one-at-a-time); per-sequence streams gave
+    # the same tokens as ``summarise`` for every answer we compared with the Q4_1 file.
+    params.kv_unified = False
+    params.n_ctx = parallel * per_sequence
+    params.n_batch = max(per_sequence, parallel)  # a whole prompt in one llama_decode call
+    params.n_ubatch = min(512, params.n_batch)  # as llama_cpp.Llama: its pieces are computed like one-at-a-time prompts
+    params.n_threads = params.n_threads_batch = threads
+    ctx = LlamaContext(model=llm._model, params=params, verbose=False)
+    batch = llama_cpp.llama_batch_init(params.n_batch, 0, 1)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(tokenizer.vocab)
+    memory = llama_cpp.llama_get_memory(ctx.ctx)
+    answers: list[Answer | None] = [None] * len(examples)
+    pending = list(range(len(examples)))[::-1]  # popped from the end: examples in their order
+    running: dict[int, dict] = {}  # seq id -> {"index", "generated", "pos", "next"}
+
+    def decode(tokens: list[tuple[int, int, int, bool]]) -> None:
+        """One llama_decode of (token, position, seq id, wants logits) entries."""
+        batch.n_tokens = len(tokens)
+        for i, (token, pos, seq, logits) in enumerate(tokens):
+            batch.token[i], batch.pos[i], batch.n_seq_id[i], batch.logits[i] = token, pos, 1, logits
+            batch.seq_id[i][0] = seq
+        rc = llama_cpp.llama_decode(ctx.ctx, batch)
+        if rc != 0:
+            raise PeftbenchError(f"llama.cpp could not decode a batch of {len(tokens)} tokens (llama_decode returned {rc}).",
+                                 "run the smoke test with one sequence at a time (parallel=1).")
+
+    def take(seq: int, row: int) -> None:
+        """The greedy next token of ``seq`` from logits row ``row``; finish the sequence or go on."""
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx.ctx, row), shape=(n_vocab,))
+        token = int(np.argmax(logits))  # greedy: llama.cpp's greedy sampler also takes the first maximum
+        state = running[seq]
+        ended = tokenizer.is_end_of_generation(token)
+        if not ended:
+            state["generated"].append(token)
+        if ended or len(state["generated"]) >= budget:
+            index = state["index"]
+            answers[index] = _answer(tokenizer, state["generated"], ended, max_new_tokens, str(examples[index]["id"]))
+            llama_cpp.llama_memory_seq_rm(memory, seq, -1, -1)
+            del running[seq]
+            if progress is not None:
+                progress(1)
+        else:
+            state["next"] = token
+
+    try:
+        while pending or running:
+            free = [seq for seq in range(parallel) if seq not in running]
+            if free and pending:  # start the next example in a free sequence
+                seq, index = free[0], pending.pop()
+                ids = prompts[index]
+                decode([(token, pos, seq, pos == len(ids) - 1) for pos, token in enumerate(ids)])
+                running[seq] = {"index": index, "generated": [], "pos": len(ids)}
+                take(seq, len(ids) - 1)
+                continue
+            order = list(running)
+            decode([(running[seq]["next"], running[seq]["pos"], seq, True) for seq in order])
+            for row, seq in enumerate(order):
+                running[seq]["pos"] += 1
+                take(seq, row)
+    finally:
+        llama_cpp.llama_batch_free(batch)
+        ctx.close()
     return answers
 
 
 def smoke_test(gguf: str | Path, examples: list[dict], prompt, *, max_new_tokens: int = 64,
-               hf_predictions: dict[str, str] | None = None, margin: float = 1.5, progress=None) -> SmokeResult:
+               hf_predictions: dict[str, str] | None = None, margin: float = 1.5, parallel: int = SMOKE_PARALLEL,
+               progress=None) -> SmokeResult:
     """Answer ``examples`` (dicts with id, dialogue, summary) with the GGUF and check the answers.
     ``hf_predictions`` maps example id -> the HF model's prediction, for agreement and the margin.
     llama.cpp runs in a child process: a crash there raises NativeCrash here, the caller lives on."""
@@ -342,12 +471,15 @@ def smoke_test(gguf: str | Path, examples: list[dict], prompt, *, max_new_tokens
     require_gguf_file(gguf)
     start = time.perf_counter()
     examples = [{"id": ex["id"], "dialogue": ex["dialogue"], "summary": ex["summary"]} for ex in examples]
-    answers = run_isolated(answer_examples, str(gguf), examples, prompt, max_new_tokens, progress=progress,
-                           what=f"llama.cpp answering with '{Path(gguf).name}'", fix=LLAMA_CRASH_FIX)
+    out = run_isolated(answer_examples, str(gguf), examples, prompt, max_new_tokens, parallel, progress=progress,
+                       what=f"llama.cpp answering with '{Path(gguf).name}'", fix=LLAMA_CRASH_FIX)
+    answers = out.pop("answers")
+    out["tokens_per_second"] = round(out["generated_tokens"] / max(out["decode_s"], 1e-9), 1)
+    out["decode_s"] = round(out["decode_s"], 2)
     references = [ex["summary"] for ex in examples]
     result = SmokeResult(gguf=str(gguf), answers=answers, references=references,
                          scores=rouge([a.text for a in answers], references),
-                         seconds=time.perf_counter() - start, margin=margin)
+                         seconds=time.perf_counter() - start, margin=margin, generation=out)
     if hf_predictions is not None:
         missing = [a.id for a in answers if a.id not in hf_predictions]
         if missing:
@@ -467,7 +599,8 @@ def prompt_settings(recipe_path: str | None):
 
 
 def run_smoke_command(gguf: str, *, data: str | None = None, n: int | None = None, hf_predictions: str | None = None,
-                      margin: float = 1.5, recipe: str | None = None, output: str | None = None) -> int:
+                      margin: float = 1.5, recipe: str | None = None, output: str | None = None,
+                      parallel: int = SMOKE_PARALLEL) -> int:
     """`peftbench smoke`: 0 when every check passes, 1 when one fails (each failure printed)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -475,13 +608,15 @@ def run_smoke_command(gguf: str, *, data: str | None = None, n: int | None = Non
     from peftbench.console import console
 
     require_gguf_file(gguf)  # before the data loads and the progress bar starts
+    if parallel < 1:
+        raise PeftbenchError(f"--parallel {parallel} is not a number of sequences.", "pass 1 (one at a time) or more.")
     prompt, max_new_tokens = prompt_settings(recipe)
     examples = load_examples(data, n)
     hf = read_predictions(hf_predictions) if hf_predictions else None
     with Progress(TextColumn("[bold]llama.cpp"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("gguf", total=len(examples))
         result = smoke_test(gguf, examples, prompt, max_new_tokens=max_new_tokens, hf_predictions=hf, margin=margin,
-                            progress=lambda k: bar.advance(task, k))
+                            parallel=parallel, progress=lambda k: bar.advance(task, k))
     if output:
         write_answers(Path(output), result)
 
@@ -494,6 +629,9 @@ def run_smoke_command(gguf: str, *, data: str | None = None, n: int | None = Non
     for label, scores in rows:
         table.add_row(label, *(f"{scores[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")))
     console.print(table)
+    g = result.generation
+    console.print(f"llama.cpp: {g['generated_tokens']} tokens generated in {g['decode_s']} s ({g['tokens_per_second']} tokens/s), "
+                  f"{g['parallel']} sequence(s) at once, {g['threads']} threads")
     ended = sum(a.ended_at_eot for a in result.answers)
     console.print(f"{ended} of {len(result.answers)} answers ended at end-of-turn; "
                   f"{sum(not a.text for a in result.answers)} empty; "

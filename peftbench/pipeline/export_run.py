@@ -1,0 +1,238 @@
+"""`peftbench export RUN_DIR`: the exporters on a finished run, on any machine that has the base model.
+
+Train on a GPU, export on a laptop: the run directory holds what the exporters need (recipe.yaml,
+the adapter, the HF predictions the GGUF's smoke test is checked against). This module only rebuilds
+the run's context from it (the base model with the adapter loaded again, the evaluation examples)
+and then calls the runner's own export stage (``runner.export``) with the exporters asked for, so an
+export after the run is exactly the export a run does. run.json is reopened, not rewritten: every
+field stays, the export stages, files and scores are added or replaced, and each export is listed
+in ``run_info.exports_after_run``; report.md is rendered again from it.
+
+Everything the user can get wrong (not a run, an unfinished run, no adapter, a base model or dataset
+this machine does not have, an exporter the method cannot feed, an unknown quantisation type) is
+found before anything is written.
+"""
+
+from __future__ import annotations
+
+import shutil
+from contextlib import ExitStack
+from datetime import datetime, timezone
+from pathlib import Path
+
+import yaml
+
+from peftbench.console import console
+from peftbench.errors import PeftbenchError
+from peftbench.files import atomic_directory, atomic_write_text, read_json
+
+EXPORT_TARGETS = ("merged", "gguf", "ollama")
+# Recipe keys that say where things are on this machine, not what was trained: an export on another
+# machine may point them elsewhere (`model.name=/models/llama`).
+LOCATION_KEYS = ("model.name", "model.gguf_file", "model.revision", "dataset.path")
+# What --output-dir copies of the run: what the exporters and the report read, not checkpoints.
+COPIED = ("run.json", "recipe.yaml", "report.md", "predictions_*.jsonl", "adapter")
+
+
+def require_finished_run(run_dir: Path) -> Path:
+    from peftbench.pipeline.record import recorded_status
+
+    if not run_dir.is_dir():
+        what = "is a file" if run_dir.exists() else "does not exist"
+        raise PeftbenchError(f"run directory '{run_dir}' {what}.", "pass the directory `peftbench run` wrote, e.g. runs/quickstart.")
+    status = recorded_status(run_dir)
+    if status is None:
+        raise PeftbenchError(f"'{run_dir}' is not a peftbench run directory (no run.json written by peftbench).",
+                             "pass the directory `peftbench run` wrote, e.g. runs/quickstart.")
+    if status != "success":
+        raise PeftbenchError(f"run '{run_dir}' has not finished (status: {status}); only a finished run's adapter is exported.",
+                             "finish it first: `peftbench run RECIPE --output-dir RUN_DIR --resume`.")
+    adapter = run_dir / "adapter"
+    if not adapter.is_dir() or not any(adapter.iterdir()):
+        raise PeftbenchError(f"run '{run_dir}' has no trained adapter (adapter/ is missing or empty).",
+                             "copy the run directory with its adapter/ folder, or run the recipe again.")
+    if not (run_dir / "recipe.yaml").is_file():
+        raise PeftbenchError(f"run '{run_dir}' has no recipe.yaml.", "copy the whole run directory, recipe.yaml included.")
+    return run_dir
+
+
+def export_recipe(run_dir: Path, to: list[str], quant_types: list[str] | None, overrides: list[str]):
+    """The run's resolved recipe with the exporters asked for: options from the run's recipe where it
+    listed the exporter, the smoke test on, --quant-type and NAME.key=value overrides on top; validated
+    as `peftbench run` validates (unknown type, a method that cannot merge: one line)."""
+    from peftbench.errors import did_you_mean
+    from peftbench.pipeline.recipe import apply_overrides, read_recipe_file, validate_recipe
+
+    unknown = [t for t in to if t not in EXPORT_TARGETS]
+    if unknown:
+        raise PeftbenchError(f"--to {unknown[0]}: not an export target.{did_you_mean(unknown[0], EXPORT_TARGETS)}",
+                             f"use one or more of: {', '.join(EXPORT_TARGETS)}.")
+    wanted = set(to) | ({"gguf"} if "ollama" in to else set())  # the Modelfile is written beside the GGUF
+    if quant_types and "gguf" not in wanted:
+        raise PeftbenchError("--quant-type without a GGUF export.", "add --to gguf (or ollama).")
+    raw = read_recipe_file(run_dir / "recipe.yaml")
+    previous = {ref.get("name"): ref for ref in raw.get("exporters") or [] if isinstance(ref, dict)}
+    exporters = []
+    for name in EXPORT_TARGETS:  # the order the exporters read each other's files in
+        if name in wanted:
+            ref = {**previous.get(name, {}), "name": name}
+            if name == "gguf":
+                ref["smoke"] = True  # the point of exporting a finished run: check it against the run's HF answers
+                if quant_types:
+                    ref["quant_type"] = list(quant_types) if len(quant_types) > 1 else quant_types[0]
+            exporters.append(ref)
+    raw["exporters"] = exporters
+    positions = {ref["name"]: i for i, ref in enumerate(exporters)}
+    translated = []
+    for override in overrides:
+        key, eq, value = override.partition("=")
+        head = key.split(".", 1)[0]
+        if eq and head in positions and "." in key:
+            translated.append(f"exporters.{positions[head]}.{key.split('.', 1)[1]}={value}")
+        elif eq and key in LOCATION_KEYS:
+            translated.append(override)
+        else:
+            raise PeftbenchError(
+                f"override '{override}' is not one `peftbench export` takes.",
+                f"set an exported format's option as NAME.key=value (NAME one of {', '.join(positions)}, e.g. gguf.margin=2), "
+                f"or where things are on this machine: {', '.join(k + '=...' for k in LOCATION_KEYS)}.")
+    return validate_recipe(apply_overrides(raw, translated), source=str(run_dir / "recipe.yaml"))
+
+
+def require_new_directory(target: Path) -> None:
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise PeftbenchError(f"--output-dir '{target}' exists and is not an empty directory.",
+                             "pass a new directory, or leave --output-dir out to export into the run directory.")
+
+
+def copy_run(source: Path, target: Path) -> Path:
+    """--output-dir: a new run directory with what the exports read (adapter, recipe, record,
+    predictions), written whole or not at all."""
+    require_new_directory(target)
+    if target.exists():
+        target.rmdir()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_directory(target) as tmp:
+        for pattern in COPIED:
+            for entry in source.glob(pattern):
+                (shutil.copytree if entry.is_dir() else shutil.copy2)(entry, tmp / entry.name)
+    return target
+
+
+def export_run(run_dir: str | Path, *, to: list[str] = ("gguf",), quant_types: list[str] | None = None,
+               output_dir: str | Path | None = None, overrides: list[str] = (), command: str | None = None) -> dict:
+    """Export a finished run; returns its run.json (written into the run directory or ``output_dir``)."""
+    from peftbench.pipeline.context import RunContext
+    from peftbench.pipeline.record import RunRecord
+    from peftbench.pipeline.report import print_quantization_table, render_run_report
+    from peftbench.pipeline.runner import RunState, claim_run_dir, export, release_run_dir
+
+    source = require_finished_run(Path(run_dir))
+    if output_dir:
+        require_new_directory(Path(output_dir))
+    recipe = export_recipe(source, list(to), quant_types, list(overrides))
+    policy, model_source, tokenizer, examples = what_the_export_reads(recipe, source)
+
+    target = copy_run(source, Path(output_dir)) if output_dir else source
+    with ExitStack() as on_exit:
+        claim_run_dir(target)  # no `peftbench run --overwrite` or second export on it meanwhile
+        on_exit.callback(release_run_dir, target)
+        from peftbench.library_output import run_log
+
+        on_exit.enter_context(run_log(target / "run.log"))  # library output of the export, after the run's
+        record = RunRecord.reopen(target)
+        ctx = RunContext(recipe=recipe, run_dir=target, policy=policy, model_source=model_source, tokenizer=tokenizer,
+                         eval_dataset=examples, record=record.data)
+        with console.status("loading the base model with the run's adapter"):
+            ctx.model = recipe.method.load(ctx.load_base_model(), ctx.adapter_dir, recipe.method_options)
+        export(RunState(recipe=recipe, ctx=ctx, record=record, processes=None))
+        record.data["run_info"].setdefault("exports_after_run", []).append({
+            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
+            "exporters": recipe.resolved_dict()["exporters"], "device": policy.device,
+            "stages": {f"export:{p.name}": record.data["run_info"]["stages"][f"export:{p.name}"]["status"]
+                       for p, _ in recipe.exporters},
+        })
+        # report.md before run.json, as a run finishes: a kill in between leaves the old record, whole.
+        atomic_write_text(target / "report.md", render_run_report(record.data))
+        record.save()
+    print_export_summary(record.data, recipe, target)
+    print_quantization_table(record.data)
+    return record.data
+
+
+def what_the_export_reads(recipe, run_dir: Path):
+    """(device policy, model source, tokenizer, evaluation examples) on this machine: the base model
+    and the data the run used, each found (or refused in one line) before anything is written."""
+    from peftbench.pipeline.device import resolve_policy
+    from peftbench.pipeline.modeling import load_tokenizer, resolve_model_source
+    from peftbench.pipeline.runner import evaluation_split
+
+    r = recipe.recipe
+    if r.model.trust_remote_code:  # the run was started with model.trust_remote_code=true on its command line
+        from peftbench.pipeline.recipe import warn_remote_code
+
+        warn_remote_code(r.model.name)
+    import datasets  # noqa: F401  (imported here so that their progress bars are quieted before they run)
+    import transformers  # noqa: F401
+
+    from peftbench.library_output import quiet_progress_bars
+
+    quiet_progress_bars()
+    policy = resolve_policy(r.model.dtype)
+    console.rule("[bold]base model and examples")
+    model_source = resolve_model_source(r.model.name, r.model.gguf_file)  # a missing base model: one line, nothing written
+    tokenizer = load_tokenizer(model_source, r.model.trust_remote_code, r.model.revision)
+    data = recipe.dataset.load(recipe.dataset_options, r.seed)
+    _, examples = evaluation_split(r.evaluation, data, policy)
+    _require_same_examples(run_dir, examples)
+    return policy, model_source, tokenizer, examples
+
+
+def _require_same_examples(run_dir: Path, examples) -> None:
+    """The smoke test compares the GGUF with the run's HF answers: the dataset here must give the
+    examples the run scored."""
+    path = run_dir / "predictions_finetuned.jsonl"
+    if not path.is_file():
+        raise PeftbenchError(f"run '{run_dir}' has no predictions_finetuned.jsonl to check the GGUF against.",
+                             "copy the whole run directory, its predictions included.")
+    from peftbench.smoke import read_predictions
+
+    scored = read_predictions(path)
+    missing = [str(i) for i in examples["id"] if str(i) not in scored]
+    if missing or len(scored) != len(examples):
+        raise PeftbenchError(
+            f"the dataset on this machine does not give the examples run '{run_dir}' scored "
+            f"({len(examples)} examples here, {len(scored)} in predictions_finetuned.jsonl"
+            + (f"; e.g. '{missing[0]}' is not among them" if missing else "") + ").",
+            "point dataset.path=... at the same data the run used (dataset.path is recorded in RUN_DIR/recipe.yaml).")
+
+
+def print_export_summary(record: dict, recipe, run_dir: Path) -> None:
+    from rich.table import Table
+
+    from peftbench.files import human_bytes
+
+    table = Table(title=f"Exports of {run_dir}")
+    for col in ("export", "status", "files"):
+        table.add_column(col)
+    for plugin, _ in recipe.exporters:
+        stage = record["run_info"]["stages"].get(f"export:{plugin.name}", {})
+        export = record.get("exports", {}).get(plugin.name, {})
+        files = ", ".join(f"{Path(path).name} ({human_bytes(export.get('sizes', {}).get(label))})"
+                          for label, path in export.get("files", {}).items())
+        status = stage.get("status", "?") + (f": {stage['error']}" if stage.get("error") else "")
+        table.add_row(plugin.name, status, files)
+    console.print(table)
+    gguf = record.get("eval", {}).get("gguf")
+    if gguf and gguf.get("hf_rouge1_same_examples") is not None:
+        console.print(f"GGUF {gguf.get('quant_type')}: ROUGE-1 {gguf['rouge1']:.2f} vs the HF model's "
+                      f"{gguf['hf_rouge1_same_examples']:.2f} on the same {gguf['n']} examples, agreement "
+                      f"{gguf['agreement_with_hf']['rouge1']:.2f}, {gguf['ended_at_eot']} of {gguf['n']} ended at end-of-turn")
+    console.print(f"Recorded in [bold]{run_dir / 'run.json'}[/] and report.md")
+
+
+
+def exit_code(record: dict) -> int:
+    """0 when every export stage of the last export succeeded, 1 when one failed or was refused."""
+    stages = record["run_info"]["exports_after_run"][-1]["stages"]
+    return 0 if all(status == "success" for status in stages.values()) else 1
