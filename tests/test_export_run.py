@@ -133,7 +133,7 @@ def test_export_of_a_finished_4_bit_run_into_another_directory(qlora_run, tmp_pa
     assert snapshot(qlora_run) == untouched
     record = read_json(out_dir / "run.json")
     assert kept(read_json(qlora_run / "run.json"), record) == []
-    assert record["run_info"]["recipe"]["method"]["merge_into"] == "original"
+    assert record["run_info"]["recipe"]["method"]["merge_into"] == "nf4_roundtrip"  # the default: what it trained on
     merged = Path(record["exports"]["merged"]["files"]["merged"])
     assert merged.parent.parent == out_dir and (merged / "model.safetensors").is_file()
     assert record["exports"]["gguf"]["merge_reused"] is True  # merged once, converted from the same checkpoint
