@@ -222,3 +222,30 @@ def test_packing_learns_what_padding_learns(tiny, tiny_model_dir, tmp_path):
     lengths = sorted(len(e["input_ids"]) for e in examples)
     assert packed.tokens_seen == padded.tokens_seen
     assert 12 * lengths[0] <= packed.tokens_seen <= 12 * lengths[-1]
+
+
+def test_bench_models_keep_every_embedding_row_when_the_tokenizer_has_no_pad(tiny_model_dir, tmp_path):
+    """Issue 13's NaN: with transformers 5.17's SmolLM2 tokenizer (eos <|im_start|>, no pad) bench_train
+    took pad = <|im_start|> and built its random Llama with that pad_token_id, whose initialisation zeroes
+    the token's embedding row; every example starts with that token and bf16 training went NaN at step 1
+    on an H200 (benchmarks/results/diag_nopad_after_fix_h200.log). Now the tokenizer's eos is the
+    end-of-turn token and the bench model has no pad_token_id, so no row is zeroed."""
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_train
+
+    from peftbench.pipeline.chat import complete_special_tokens
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", None  # as transformers 5.17 builds it
+    complete_special_tokens(tokenizer)
+    assert tokenizer.pad_token == tokenizer.eos_token == "<|im_end|>"
+    bench_train.build_random_model(tmp_path, bench_train.TINY, tokenizer, "cpu")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    assert model.config.pad_token_id is None
+    rows = model.get_input_embeddings().weight.norm(dim=1)
+    assert bool((rows > 0).all()), f"zeroed embedding rows: {(rows == 0).nonzero().flatten().tolist()}"
