@@ -249,3 +249,30 @@ def test_bench_models_keep_every_embedding_row_when_the_tokenizer_has_no_pad(tin
     assert model.config.pad_token_id is None
     rows = model.get_input_embeddings().weight.norm(dim=1)
     assert bool((rows > 0).all()), f"zeroed embedding rows: {(rows == 0).nonzero().flatten().tolist()}"
+
+
+def test_packed_step_with_a_tokenizer_that_had_no_pad_token(tiny):
+    """The packed path never pads, so a tokenizer without a pad token (transformers 5.17's SmolLM2, after
+    complete_special_tokens) gives the same finite loss and gradients as the padded reference."""
+    from copy import deepcopy
+
+    from transformers import DataCollatorForSeq2Seq
+
+    from peftbench.pipeline.chat import complete_special_tokens
+
+    model, tokenizer, examples = tiny
+    no_pad = deepcopy(tokenizer)
+    no_pad.eos_token, no_pad.pad_token = "<|im_start|>", None  # as transformers 5.17 builds it
+    complete_special_tokens(no_pad)
+    model.zero_grad()
+    reference = model(**DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(examples)).loss
+    reference.backward()
+    reference_grads = _grads(model).clone()
+    model.zero_grad()
+    step = StepCollator(no_pad, pack=True)(examples)
+    loss = sum(label_token_loss(model, one, step["num_label_tokens"]) for one in step["passes"])
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(reference.item(), rel=1e-5)
+    assert bool(torch.isfinite(_grads(model)).all())
+    torch.testing.assert_close(_grads(model), reference_grads, rtol=1e-4, atol=1e-7)
+    model.zero_grad()
