@@ -186,9 +186,14 @@ def _cmd_export(args) -> int:
     from peftbench.pipeline.export_run import exit_code, export_run
 
     command = shlex.join(["peftbench", "export", *args.argv[1:]])
+    # argparse gives `--quant-type Q4_K_M Q8_0 gguf.margin=2` the override too (nargs="+" takes every
+    # word up to the next option): a key=value is never a format or a quantisation type, so it goes back.
+    to = [t for t in args.to if "=" not in t]
+    quant_types = [t for t in args.quant_type or [] if "=" not in t] or None
+    overrides = [*args.overrides, *(t for t in [*args.to, *(args.quant_type or [])] if "=" in t)]
     with _sigterm_as_interrupt():
-        record = export_run(args.run_dir, to=args.to, quant_types=args.quant_type, output_dir=args.output_dir,
-                            overrides=args.overrides, command=command)
+        record = export_run(args.run_dir, to=to, quant_types=quant_types, output_dir=args.output_dir,
+                            overrides=overrides, command=command)
     return exit_code(record)
 
 

@@ -133,7 +133,7 @@ def test_export_of_a_finished_4_bit_run_into_another_directory(qlora_run, tmp_pa
     assert snapshot(qlora_run) == untouched
     record = read_json(out_dir / "run.json")
     assert kept(read_json(qlora_run / "run.json"), record) == []
-    assert record["run_info"]["recipe"]["method"]["merge_into"] == "nf4_roundtrip"  # the default: what it trained on
+    assert record["run_info"]["recipe"]["method"]["merge_into"] == "original"
     merged = Path(record["exports"]["merged"]["files"]["merged"])
     assert merged.parent.parent == out_dir and (merged / "model.safetensors").is_file()
     assert record["exports"]["gguf"]["merge_reused"] is True  # merged once, converted from the same checkpoint
@@ -213,3 +213,21 @@ def test_a_failed_export_keeps_run_json_whole(lora_run, tmp_path, monkeypatch, c
     assert stage["status"] == "failed" and "converter failed" in stage["error"]
     assert after["run_info"]["status"] == "success"  # the run itself stays finished: its adapter and scores are good
     assert after["run_info"]["exports_after_run"][-1]["stages"] == {"export:gguf": "failed"}
+
+
+def test_a_4bit_run_is_exported_into_the_merge_target_asked_for(qlora_run, tmp_path, capsys):
+    """merge_into acts at export, so `peftbench export` may change it; a key=value written after
+    --to or --quant-type is still an override, not a format or a type."""
+    out_dir = tmp_path / "roundtrip"
+    code = main(["export", str(qlora_run), "--to", "merged", "method.merge_into=nf4_roundtrip", "--output-dir", str(out_dir)])
+    assert code == 0, capsys.readouterr().out
+    record = read_json(out_dir / "run.json")
+    assert record["run_info"]["exports_after_run"][-1]["merge_into"] == "nf4_roundtrip"
+    assert record["run_info"]["recipe"]["method"]["merge_into"] == "original", "the run's own recipe is kept as trained"
+    assert main(["export", str(qlora_run), "--to", "merged", "method.r=4", "--output-dir", str(tmp_path / "no")]) == 2
+    assert "method.r=4" in capsys.readouterr().out and not (tmp_path / "no").exists()
+    # Exported again in place with the other target: the merged checkpoint is made again, not reused.
+    marker = out_dir / "exports" / "merged" / "peftbench_merge.json"
+    assert read_json(marker)["merge_into"] == "nf4_roundtrip"
+    assert main(["export", str(out_dir), "--to", "merged", "method.merge_into=original"]) == 0
+    assert read_json(marker)["merge_into"] == "original"

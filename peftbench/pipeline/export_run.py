@@ -89,13 +89,14 @@ def export_recipe(run_dir: Path, to: list[str], quant_types: list[str] | None, o
         head = key.split(".", 1)[0]
         if eq and head in positions and "." in key:
             translated.append(f"exporters.{positions[head]}.{key.split('.', 1)[1]}={value}")
-        elif eq and key in LOCATION_KEYS:
+        elif eq and (key in LOCATION_KEYS or key == "method.merge_into"):  # merge_into acts at export, not in training
             translated.append(override)
         else:
             raise PeftbenchError(
                 f"override '{override}' is not one `peftbench export` takes.",
                 f"set an exported format's option as NAME.key=value (NAME one of {', '.join(positions)}, e.g. gguf.margin=2), "
-                f"or where things are on this machine: {', '.join(k + '=...' for k in LOCATION_KEYS)}.")
+                f"or where things are on this machine: {', '.join(k + '=...' for k in LOCATION_KEYS)}, "
+                "or for a 4-bit method which weights to merge into: method.merge_into=original|nf4_roundtrip.")
     return validate_recipe(apply_overrides(raw, translated), source=str(run_dir / "recipe.yaml"))
 
 
@@ -149,6 +150,7 @@ def export_run(run_dir: str | Path, *, to: list[str] = ("gguf",), quant_types: l
         record.data["run_info"].setdefault("exports_after_run", []).append({
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
             "exporters": recipe.resolved_dict()["exporters"], "device": policy.device,
+            **({"merge_into": recipe.method_options.merge_into} if hasattr(recipe.method_options, "merge_into") else {}),
             "stages": {f"export:{p.name}": record.data["run_info"]["stages"][f"export:{p.name}"]["status"]
                        for p, _ in recipe.exporters},
         })

@@ -46,10 +46,12 @@ def merged_checkpoint(ctx, dtype: str = "auto") -> tuple[Path, dict]:
     Returns the directory and what the merge recorded (method, seconds, ``reused``)."""
     target = ctx.exports_dir / "merged"
     fingerprint = adapter_fingerprint(ctx.adapter_dir)
+    merge_into = getattr(ctx.recipe.method_options, "merge_into", None)  # 4-bit methods: which 16-bit weights
     marker = target / MARKER
     if marker.is_file():
         info = json.loads(marker.read_text(encoding="utf-8"))
-        if info.get("adapter_sha256") == fingerprint and dtype in ("auto", info.get("dtype")):
+        if (info.get("adapter_sha256") == fingerprint and dtype in ("auto", info.get("dtype"))
+                and info.get("merge_into") == merge_into):
             return target, {**info, "reused": True}
 
     start = time.perf_counter()
@@ -65,6 +67,7 @@ def merged_checkpoint(ctx, dtype: str = "auto") -> tuple[Path, dict]:
         info = {
             "method": ctx.recipe.method.name,
             "adapter_sha256": fingerprint,
+            "merge_into": merge_into,
             "dtype": str(next(merged.parameters()).dtype).removeprefix("torch."),
             "merge_s": round(merge_s, 2),
             "save_s": round(time.perf_counter() - start - merge_s, 2),
