@@ -28,27 +28,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from peftbench.pipeline.context import RunContext
-    from peftbench.pipeline.device import resolve_policy
     from peftbench.pipeline.evaluation import generate_summaries, rouge
-    from peftbench.pipeline.modeling import load_tokenizer, resolve_model_source
+    from peftbench.pipeline.export_run import what_the_export_reads
     from peftbench.pipeline.recipe import load_recipe
+    from peftbench.smoke import read_predictions
 
     recipe = load_recipe(args.run_dir / "recipe.yaml")
-    rows = [json.loads(line) for line in (args.run_dir / "predictions_finetuned.jsonl").read_text().splitlines() if line]
-    rows = rows[: args.n] if args.n else rows
     r = recipe.recipe
-    data = recipe.dataset.load(recipe.dataset_options, r.seed)
-    dialogue_of = {}
-    for split in data.splits.values():
-        dialogue_of.update(zip(split["id"], split["dialogue"]))
-    dialogues = [dialogue_of[row["id"]] for row in rows]
-    references = [row["reference"] for row in rows]
-    unmerged = [row["prediction"] for row in rows]
-
-    policy = resolve_policy(r.model.dtype)
-    source = resolve_model_source(r.model.name, r.model.gguf_file)
-    ctx = RunContext(recipe=recipe, run_dir=args.run_dir, policy=policy, model_source=source)
-    ctx.tokenizer = load_tokenizer(source, r.model.trust_remote_code, r.model.revision)
+    # The base model, tokenizer and evaluation rows as `peftbench export` finds them (same rows as the run).
+    policy, source, tokenizer, examples = what_the_export_reads(recipe, args.run_dir)
+    unmerged_of = read_predictions(args.run_dir / "predictions_finetuned.jsonl")
+    rows = list(examples)[: args.n] if args.n else list(examples)
+    dialogues, references = [row["dialogue"] for row in rows], [row["summary"] for row in rows]
+    unmerged = [unmerged_of[str(row["id"])] for row in rows]
+    ctx = RunContext(recipe=recipe, run_dir=args.run_dir, policy=policy, model_source=source, tokenizer=tokenizer)
     results = [{"target": "unmerged (the run's answers)", **rouge(unmerged, references)}]
     print(json.dumps(results[0]), flush=True)
     for target in args.targets:

@@ -392,8 +392,9 @@ def answer_batched(llm, tokenizer: GgufTokenizer, prompt, examples: list[dict], 
     params.n_seq_max = parallel
     # One KV cache stream per sequence (kv_unified=false): a sequence attends over its own cells only.
     # With one unified cache (llama-cpp-python 0.3.36) every sequence attends over all sequences' cells
-    # behind a mask, which was 10x slower at 8 sequences on 2 cores, and its answers changed with the
-    # batch's make-up (1 of 4 chatsum answers identical to one-at-a-time); per-sequence streams gave
+    # behind a mask, which was 10x slower at 8 sequences on 2 cores in one measurement (1.3x slower on
+    # 24 SAMSum dialogues in another), and its answers changed with the batch's make-up (1 of 4 chatsum
+    # answers, 5 of 24 SAMSum answers identical to one-at-a-time); per-sequence streams gave
     # the same tokens as ``summarise`` for every answer we compared with the Q4_1 file.
     params.kv_unified = False
     params.n_ctx = parallel * per_sequence

@@ -415,11 +415,17 @@ def _notes(groups: list[Group]) -> list[str]:
     return sorted(notes)
 
 
+def _split_search(runs: list[Run]) -> tuple[list[Run], list[Run]]:
+    """(the runs a report shows as results, a comparison's search runs). Without results (a search
+    alone), the search runs are shown as results too."""
+    search_runs = [r for r in runs if r.annotation.get("phase") == "search"]
+    return [r for r in runs if r.annotation.get("phase") != "search"] or runs, search_runs
+
+
 def render_markdown(runs: list[Run], *, title: str, command: str = "", plots: list[tuple[str, str]] = ()) -> str:
     """The whole report. ``plots`` is [(caption, file name relative to the report)]."""
     runs = sorted(runs, key=lambda r: (r.name, _config_key(r)))  # the order runs were given in must not matter
-    search_runs = [r for r in runs if r.annotation.get("phase") == "search"]
-    runs = [r for r in runs if r.annotation.get("phase") != "search"] or runs
+    runs, search_runs = _split_search(runs)
     groups = group_runs(runs)
     lines = [f"# {title}", ""]
     if command:
@@ -477,8 +483,7 @@ def write_plots(runs: list[Run], directory: Path, stem: str) -> list[tuple[str, 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    search_runs = [r for r in runs if r.annotation.get("phase") == "search"]
-    runs = [r for r in runs if r.annotation.get("phase") != "search"] or runs
+    runs, search_runs = _split_search(runs)
     groups = [g for g in group_runs(runs) if g.ok_runs]
     if not groups:
         return []

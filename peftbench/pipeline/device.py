@@ -3,6 +3,7 @@ line for each substitution."""
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -16,8 +17,6 @@ def free_gpu_memory() -> int:
     """Bytes of GPU memory this run may plan for: what is free now, divided among the runs that share
     the GPU. Runs started together each see the whole GPU free; planning on all of it (gradient
     checkpointing off, a large generation batch) put 17 side-by-side SAMSum runs at 138 of 141 GB."""
-    import os
-
     free, _ = torch.cuda.mem_get_info()
     try:
         sharing = max(1, int(os.environ.get(RUNS_SHARING_GPU_ENV, "1")))

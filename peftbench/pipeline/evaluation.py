@@ -69,14 +69,14 @@ AUTO_MEMORY_SHARE = 0.25  # of the free GPU memory, for the KV cache of one batc
 def auto_batch_size(model, longest_tokens: int, num_beams: int = 1) -> int:
     """The largest batch (a power of two up to MAX_AUTO_BATCH) whose KV cache for sequences of
     ``longest_tokens`` fits in a quarter of the free GPU memory; CPU_BATCH on the CPU."""
-    device = next(model.parameters()).device
-    if device.type != "cuda":
+    param = next(model.parameters())
+    if param.device.type != "cuda":
         return CPU_BATCH
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
-    dtype_bytes = torch.finfo(next(model.parameters()).dtype).bits // 8 if next(model.parameters()).is_floating_point() else 2
+    dtype_bytes = param.element_size() if param.is_floating_point() else 2  # a packed 4-bit weight: bf16 cache
     per_sequence = 2 * config.num_hidden_layers * kv_heads * head_dim * dtype_bytes * longest_tokens * num_beams
     from peftbench.pipeline.device import free_gpu_memory
 

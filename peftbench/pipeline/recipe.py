@@ -58,6 +58,8 @@ class EvaluationSection(Section):
         "auto", description="generation batch size; auto: on a GPU the largest (up to 512) whose KV cache fits in a quarter "
         "of the free memory (a decoding step of a small model costs about the same for 1 prompt or hundreds), 16 on the CPU")
     max_new_tokens: int = Field(64, gt=0, description="summary length limit when generating")
+    baseline: bool = Field(True, description="also score the base model with the same prompt")
+    num_beams: int = Field(1, gt=0, description="1: greedy decoding; more: beam search with that many beams")
 
     @field_validator("batch_size")
     @classmethod
@@ -65,9 +67,6 @@ class EvaluationSection(Section):
         if v != "auto" and v < 1:
             raise ValueError("must be a positive number or auto")
         return v
-
-    baseline: bool = Field(True, description="also score the base model with the same prompt")
-    num_beams: int = Field(1, gt=0, description="1: greedy decoding; more: beam search with that many beams")
 
 
 class PluginRef(BaseModel):

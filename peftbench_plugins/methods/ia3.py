@@ -81,7 +81,8 @@ class Ia3(MethodPlugin):
         return wrap_with_peft(model, self.peft_config(options, model.config))
 
     def merge(self, model, options, ctx):
-        """Fold the saved adapter into a fresh full-precision base. The adapter must be saved first
+        """Fold the saved adapter into a fresh 16-bit base (after a 4-bit base: the one merge_into names).
+        The adapter must be saved first
         (the runner saves it before exporting); the trained model itself is left as it is."""
         base = base_for_merge(ctx, options.merge_into) if options.load_in_4bit else ctx.load_base_model(quantized=False)
         return self.load(base, ctx.adapter_dir, options).merge_and_unload()
