@@ -44,7 +44,7 @@ TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_atte
             vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=1024)
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s of an H100 SXM (datasheet, no sparsity)
 EXAMPLES_PER_STEP = 16  # batch 4 x grad-accum 4, as in the lesson
-TIMING_WARMUP_STEPS = 3  # steps left out of the timing (allocator, cuBLAS and bitsandbytes warm-up)
+TIMING_WARMUP_STEPS = 5  # steps left out of the timing (allocator, cuBLAS, bitsandbytes, torch.compile warm-up)
 PROFILED_STEPS = 3  # the last steps: profiled in peftbench runs, so left out of every run's timing
 LEARNING = dict(learning_rate=2e-4, warmup_steps=2, lr_scheduler="linear")  # the same schedule for every run
 
@@ -318,6 +318,10 @@ RUNS = {
     "qlora_seed2": lambda **kw: run_peftbench("qlora", **{**kw, "seed": kw["seed"] + 1}),
     "qlora_lean": lambda **kw: run_peftbench("qlora", memory_lean=True, **kw),
     "lora": lambda **kw: run_peftbench("lora", **kw),
+    # the trainer's compile option (torch.compile of the decoder layers); the first steps compile
+    "qlora_compiled": lambda **kw: run_peftbench("qlora", compile=True, **kw),
+    "qlora_lean_compiled": lambda **kw: run_peftbench("qlora", memory_lean=True, compile=True, **kw),
+    "lora_compiled": lambda **kw: run_peftbench("lora", compile=True, **kw),
 }
 
 

@@ -130,6 +130,53 @@ def test_varlen_attention_function_matches_padded_model(tiny, monkeypatch, signa
     assert packed == pytest.approx(reference, rel=2e-2)
 
 
+def test_compiled_layers_compute_the_same_step_and_are_undone(tiny_model_dir, tiny, monkeypatch):
+    """trainer.compile: the decoder layers of a LoRA model run through torch.compile (dynamo and
+    AOT autograd; the CPU test skips inductor's code generation) for passes of different lengths,
+    with the eager step's loss and gradients, and are eager again afterwards (for generation)."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    import peftbench_plugins.trainers.packing as speed
+
+    monkeypatch.setattr(speed, "COMPILE_BACKEND", "aot_eager")
+    _, tokenizer, examples = tiny
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32),
+                           LoraConfig(r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False))
+    layers = speed.decoder_layers(model)
+    assert len(layers) == model.config.num_hidden_layers
+    step = StepCollator(tokenizer, pack=False, max_examples=3)(examples)
+    assert len({tuple(p["input_ids"].shape) for p in step["passes"]}) > 1  # several lengths: dynamic shapes
+
+    def run_step():
+        model.zero_grad()
+        loss = sum(label_token_loss(model, p, step["num_label_tokens"]) for p in step["passes"])
+        loss.backward()
+        return loss.item(), _grads(model).clone()
+
+    eager_loss, eager_grads = run_step()
+    with speed.compiled_layers(model, enabled=True):
+        assert all(layer._compiled_call_impl is not None for layer in layers)
+        compiled_loss, compiled_grads = run_step()
+    assert all(layer._compiled_call_impl is None for layer in layers)
+    assert compiled_loss == pytest.approx(eager_loss, rel=1e-5)
+    torch.testing.assert_close(compiled_grads, eager_grads, rtol=1e-4, atol=1e-6)
+
+
+def test_compile_is_planned_only_where_inductor_can_generate_kernels(tiny):
+    from datasets import Dataset
+
+    from peftbench_plugins.trainers.hf import HfTrainerOptions
+
+    model, tokenizer, examples = tiny
+    dataset = Dataset.from_list(examples)
+    assert not plan_steps(model, tokenizer, dataset, HfTrainerOptions(), "cpu").compile  # off by default
+    for asked in (True, "auto"):
+        plan = plan_steps(model, tokenizer, dataset, HfTrainerOptions(compile=asked), "cpu")
+        assert not plan.compile and any("compile" in note and "-> off" in note for note in plan.notes)
+
+
 def test_varlen_attention_refuses_a_padding_mask():
     q = torch.randn(1, 4, 6, 8)
     with pytest.raises(ValueError, match="packed rows only"):

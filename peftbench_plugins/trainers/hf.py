@@ -31,6 +31,9 @@ class HfTrainerOptions(Options):
         "the same examples and loss per step, no FLOPs on padding; auto: only where a varlen attention kernel exists (CUDA)")
     max_tokens_per_batch: int | None = Field(16384, gt=0, description="with packing: most tokens in one forward/backward "
                                              "pass; a step's examples run in as few passes as fit (null: one pass per step)")
+    compile: bool | Literal["auto"] = Field(
+        False, description="torch.compile the decoder layers (fused kernels, dynamic lengths) while training: the same "
+        "computation with fewer kernel launches; only on a GPU with triton, eager elsewhere; auto: wherever available")
     memory_lean: bool = Field(False, description="for small GPUs: gradient checkpointing and passes of at most 2048 tokens")
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
     lr_scheduler: str = Field("linear", description="transformers scheduler name (linear, cosine, constant_with_warmup, ...)")
@@ -107,7 +110,7 @@ class HfTrainer(TrainerPlugin):
         """``callbacks``: extra transformers TrainerCallbacks (benchmarks time the steps with one)."""
         from transformers import TrainingArguments
 
-        from peftbench_plugins.trainers.packing import packed_attention, plan_steps, step_trainer_class
+        from peftbench_plugins.trainers.packing import compiled_layers, packed_attention, plan_steps, step_trainer_class
 
         policy = ctx.policy
         plan = plan_steps(model, tokenizer, train_dataset, options, policy.device)
@@ -178,7 +181,7 @@ class HfTrainer(TrainerPlugin):
             trainer._load_from_checkpoint(checkpoint)  # the weights, in the Trainer's own format for this model
             trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
         else:
-            with packed_attention(model, plan.varlen_attention):
+            with packed_attention(model, plan.varlen_attention), compiled_layers(model, plan.compile):
                 trainer.train(resume_from_checkpoint=checkpoint)
         seconds = time.perf_counter() - start
         _raise_if_diverged(trainer.state.log_history)

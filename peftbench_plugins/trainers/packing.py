@@ -15,6 +15,10 @@ changes:
 - Token-budget passes: a step's examples run as few forward/backward passes as fit
   ``max_tokens`` tokens each, gradients summed over the passes.
 - Gradient checkpointing only when the activations of the largest pass would not fit.
+- Compiled decoder layers (``torch.compile``, where triton is): a small model's step is bound by
+  launching thousands of tiny kernels (RMSNorm, rotary, SiLU, casts, LoRA's scale-and-add) one by one;
+  inductor fuses them. One layer's code is compiled once, with dynamic sequence length, and reused by
+  every layer and every packed length (transformers' "regional compilation").
 """
 
 from __future__ import annotations
@@ -165,7 +169,7 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
         kernel_dtype = torch.get_autocast_dtype(query.device.type) if autocast else torch.bfloat16
         result_dtype = kernel_dtype if autocast else query.dtype
     q, k, v = (t[0].transpose(0, 1).to(kernel_dtype).contiguous() for t in (query, key, value))  # (tokens, heads, dim)
-    params = inspect.signature(varlen_attn).parameters
+    params = _VARLEN_PARAMETERS or frozenset(inspect.signature(varlen_attn).parameters)
     extra: dict[str, Any] = {}
     if k.shape[1] != q.shape[1]:
         if "enable_gqa" in params:
@@ -184,9 +188,16 @@ def varlen_attention_forward(module, query, key, value, attention_mask, dropout:
     return out.unsqueeze(0).to(result_dtype), None
 
 
+# varlen_attn's keyword names (they changed between torch releases), read once at registration rather than
+# on every call: inspect.signature inside a compiled layer would break its graph.
+_VARLEN_PARAMETERS: frozenset[str] = frozenset()
+
+
 def register_varlen_attention() -> None:
     from transformers import AttentionInterface
 
+    global _VARLEN_PARAMETERS
+    _VARLEN_PARAMETERS = frozenset(inspect.signature(_varlen_kernel()).parameters)
     AttentionInterface.register(VARLEN_ATTENTION, varlen_attention_forward)
 
 
@@ -207,6 +218,59 @@ def packed_attention(model, enabled: bool):
     finally:
         for key, config in configs.items():
             config._attn_implementation = before[key]
+
+
+# --- compilation ---------------------------------------------------------------------------------
+
+
+def compile_available(device: str) -> tuple[bool, str]:
+    """Whether torch.compile can fuse kernels here, and why not. Inductor generates triton kernels on
+    a GPU; on the CPU it would build C++ for minutes of a run that is bound by its matmuls anyway."""
+    if device != "cuda":
+        return False, f"no compilation on {device}: its steps are bound by matmuls, not by kernel launches"
+    import importlib.util
+
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed (pip install triton), so inductor cannot generate GPU kernels"
+    return True, "triton found"
+
+
+def decoder_layers(model) -> list[torch.nn.Module]:
+    """The model's repeated blocks (``...DecoderLayer`` in a ModuleList), the unit regional
+    compilation compiles; empty for a model without them."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and type(module[0]).__name__.endswith("DecoderLayer"):
+            return list(module)
+    return []
+
+
+COMPILE_BACKEND = "inductor"  # torch.compile's default; tests use "aot_eager" (the same tracing, no code generation)
+
+
+@contextlib.contextmanager
+def compiled_layers(model, enabled: bool):
+    """Run the decoder layers through torch.compile for the duration (training); generation
+    afterwards uses the eager layers, whose KV-cache shapes would only cause recompilations.
+
+    A layer that dynamo cannot compile runs eagerly instead of failing the run
+    (``suppress_errors``); the note in run.json says compilation was asked for, the speed says
+    whether it took."""
+    layers = decoder_layers(model) if enabled else []
+    if not layers:
+        yield
+        return
+    import torch._dynamo
+
+    suppress = torch._dynamo.config.suppress_errors
+    torch._dynamo.config.suppress_errors = True
+    for layer in layers:
+        layer.compile(dynamic=True, backend=COMPILE_BACKEND)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer._compiled_call_impl = None  # what nn.Module.compile set: back to the eager forward
+        torch._dynamo.config.suppress_errors = suppress
 
 
 # --- memory --------------------------------------------------------------------------------------
@@ -265,12 +329,14 @@ class StepPlan:
     gradient_checkpointing: bool
     varlen_attention: bool  # switch the model to the varlen kernel while training
     notes: list[str]
+    compile: bool = False  # torch.compile the decoder layers while training
 
 
 def plan_steps(model, tokenizer, train_dataset, options, device: str) -> StepPlan:
     """Turn the hf trainer's options into a StepPlan. ``options`` has batch_size, grad_accum,
-    packing, max_tokens_per_batch, memory_lean and gradient_checkpointing (bool or "auto")."""
+    packing, max_tokens_per_batch, memory_lean, gradient_checkpointing and compile (bool or "auto")."""
     notes: list[str] = []
+    compile_layers = _plan_compile(getattr(options, "compile", False), device, notes)
     per_step = options.batch_size * options.grad_accum
     lengths = [len(ids) for ids in train_dataset["input_ids"]]
     if _prompt_learning(model):
@@ -283,7 +349,7 @@ def plan_steps(model, tokenizer, train_dataset, options, device: str) -> StepPla
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
         checkpointing = options.gradient_checkpointing is True or (options.gradient_checkpointing == "auto" and options.memory_lean)
         return StepPlan(per_device_batch=options.batch_size, grad_accum=options.grad_accum, collator=collator, stock=True,
-                        gradient_checkpointing=checkpointing, varlen_attention=False, notes=notes)
+                        gradient_checkpointing=checkpointing, varlen_attention=False, notes=notes, compile=compile_layers)
     varlen = varlen_attention_available(device)
     # Without a varlen kernel a packed row is attended through SDPA with a block-diagonal mask over
     # the whole row: on a 2-core CPU that measured 24 s per quickstart step against 16 s padded.
@@ -311,7 +377,20 @@ def plan_steps(model, tokenizer, train_dataset, options, device: str) -> StepPla
     else:
         checkpointing = bool(options.gradient_checkpointing)
     return StepPlan(per_device_batch=per_step, grad_accum=1, collator=collator, stock=False,
-                    gradient_checkpointing=checkpointing, varlen_attention=varlen, notes=notes)
+                    gradient_checkpointing=checkpointing, varlen_attention=varlen, notes=notes, compile=compile_layers)
+
+
+def _plan_compile(asked: bool | str, device: str, notes: list[str]) -> bool:
+    if asked is False:
+        return False
+    available, why = compile_available(device)
+    if asked == "auto":
+        notes.append(f"compile auto -> {'on' if available else 'off'}: {why}")
+    elif available:
+        notes.append("compile: decoder layers through torch.compile (the first steps compile them)")
+    else:
+        notes.append(f"compile: true -> off: {why}")
+    return available
 
 
 def _prompt_learning(model) -> bool:
