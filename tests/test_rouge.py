@@ -53,7 +53,7 @@ def test_auto_generation_batch_is_16_on_the_cpu_and_sized_by_memory_on_a_gpu(mon
     # A GPU, faked: per sequence the KV cache takes 2 x 30 layers x 3 heads x 64 x 2 bytes x 576 tokens.
     per_sequence = 2 * 30 * 3 * 64 * 2 * 576
     monkeypatch.setattr(torch.Tensor, "device", property(lambda self: torch.device("cuda", 0)))
-    for free_gib, expected in ((80, 512), (4, 64), (1, 16)):
+    for free_gib, expected in ((80, 1024), (4, 64), (1, 16)):
         monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *device, f=free_gib: (f * 2**30, 141 * 2**30))
         batch = evaluation.auto_batch_size(model, 576)
         assert batch == expected and batch * per_sequence <= evaluation.AUTO_MEMORY_SHARE * free_gib * 2**30

@@ -26,8 +26,9 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
 
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
-    summary_scorer = rouge_scorer.RougeScorer(["rougeLsum"], use_stemmer=True)
+    tokenizer = _stemming_tokenizer()
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], tokenizer=tokenizer)
+    summary_scorer = rouge_scorer.RougeScorer(["rougeLsum"], tokenizer=tokenizer)
     totals = dict.fromkeys(ROUGE_TYPES, 0.0)
     for pred, ref in zip(predictions, references):
         scores = {**scorer.score(ref, pred),
@@ -38,6 +39,19 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     out = {key: round(100 * totals[key] / n, 4) if n else 0.0 for key in ROUGE_TYPES}
     out["n"] = n
     return out
+
+
+def _stemming_tokenizer():
+    """rouge-score's own tokenizer with the Porter stemmer (``use_stemmer=True``), with each word's
+    stem remembered: rouge-score 0.1.2 stems every token of every text afresh, which was three
+    quarters of scoring 818 SAMSum summaries (3.8 s on the H200's host). Same tokens, same scores."""
+    import functools
+
+    from rouge_score.tokenizers import DefaultTokenizer
+
+    tokenizer = DefaultTokenizer(use_stemmer=True)
+    tokenizer._stemmer.stem = functools.lru_cache(maxsize=None)(tokenizer._stemmer.stem)
+    return tokenizer
 
 
 def sentences_per_line(text: str) -> str:
@@ -62,7 +76,7 @@ class Evaluation:
 
 
 CPU_BATCH = 16  # a CPU's decoding step grows with the batch: larger batches only pad more
-MAX_AUTO_BATCH = 512
+MAX_AUTO_BATCH = 1024  # SAMSum's 819 in one batch: a decoding step of 818 cost 1.6x one of 128 on an H200
 AUTO_MEMORY_SHARE = 0.25  # of the free GPU memory, for the KV cache of one batch
 
 

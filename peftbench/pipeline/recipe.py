@@ -55,8 +55,8 @@ class EvaluationSection(Section):
     selection_size: int = Field(500, gt=0, description="rows carved from train when split is `selection`")
     max_samples: int | None = Field(None, gt=0, description="score only the first N examples of the split")
     batch_size: int | Literal["auto"] = Field(
-        "auto", description="generation batch size; auto: on a GPU the largest (up to 512) whose KV cache fits in a quarter "
-        "of the free memory (a decoding step of a small model costs about the same for 1 prompt or hundreds), 16 on the CPU")
+        "auto", description="generation batch size; auto: on a GPU the largest (up to 1024) whose KV cache fits in a quarter "
+        "of the free memory (a decoding step of a small model costs little more for hundreds of prompts than for one), 16 on the CPU")
     max_new_tokens: int = Field(64, gt=0, description="summary length limit when generating")
     baseline: bool = Field(True, description="also score the base model with the same prompt")
     num_beams: int = Field(1, gt=0, description="1: greedy decoding; more: beam search with that many beams")
