@@ -231,3 +231,18 @@ def test_a_4bit_run_is_exported_into_the_merge_target_asked_for(qlora_run, tmp_p
     assert read_json(marker)["merge_into"] == "nf4_roundtrip"
     assert main(["export", str(out_dir), "--to", "merged", "method.merge_into=original"]) == 0
     assert read_json(marker)["merge_into"] == "original"
+
+
+def test_a_smoke_test_on_the_first_n_examples(lora_run, tmp_path, capsys):
+    """evaluation.max_samples=N: the GGUF answers only the first N of the run's examples (a laptop's
+    budget on a big split) and is compared with the HF answers to those same N."""
+    out_dir = tmp_path / "first2"
+    code = main(["export", str(lora_run), "--to", "gguf", "evaluation.max_samples=2", "--output-dir", str(out_dir)])
+    assert code == 0, capsys.readouterr().out
+    record = read_json(out_dir / "run.json")
+    assert record["eval"]["gguf"]["n"] == 2 and record["eval"]["finetuned"]["n"] == 4
+    assert record["eval"]["gguf"]["hf_rouge1_same_examples"] is not None
+    assert record["run_info"]["exports_after_run"][-1]["smoke_examples"] == 2
+    assert len(read_jsonl(out_dir / "predictions_gguf.jsonl")) == 2
+    assert main(["export", str(lora_run), "--to", "gguf", "evaluation.split=test", "--output-dir", str(tmp_path / "no")]) == 2
+    assert "evaluation.max_samples=N" in capsys.readouterr().out and not (tmp_path / "no").exists()

@@ -30,6 +30,9 @@ EXPORT_TARGETS = ("merged", "gguf", "ollama")
 # Recipe keys that say where things are on this machine, not what was trained: an export on another
 # machine may point them elsewhere (`model.name=/models/llama`).
 LOCATION_KEYS = ("model.name", "model.gguf_file", "model.revision", "dataset.path")
+# Recipe keys that act at export time, not in training: which weights a 4-bit adapter is merged into, and
+# how many of the run's evaluation examples the GGUF's smoke test answers (a laptop's budget: the first N).
+EXPORT_TIME_KEYS = ("method.merge_into", "evaluation.max_samples")
 # What --output-dir copies of the run: what the exporters and the report read, not checkpoints.
 COPIED = ("run.json", "recipe.yaml", "report.md", "predictions_*.jsonl", "adapter")
 
@@ -89,14 +92,15 @@ def export_recipe(run_dir: Path, to: list[str], quant_types: list[str] | None, o
         head = key.split(".", 1)[0]
         if eq and head in positions and "." in key:
             translated.append(f"exporters.{positions[head]}.{key.split('.', 1)[1]}={value}")
-        elif eq and (key in LOCATION_KEYS or key == "method.merge_into"):  # merge_into acts at export, not in training
+        elif eq and (key in LOCATION_KEYS or key in EXPORT_TIME_KEYS):
             translated.append(override)
         else:
             raise PeftbenchError(
                 f"override '{override}' is not one `peftbench export` takes.",
                 f"set an exported format's option as NAME.key=value (NAME one of {', '.join(positions)}, e.g. gguf.margin=2), "
                 f"or where things are on this machine: {', '.join(k + '=...' for k in LOCATION_KEYS)}, "
-                "or for a 4-bit method which weights to merge into: method.merge_into=original|nf4_roundtrip.")
+                "or for a 4-bit method which weights to merge into: method.merge_into=original|nf4_roundtrip, "
+                "or a smoke test on the first N of the run's examples: evaluation.max_samples=N.")
     return validate_recipe(apply_overrides(raw, translated), source=str(run_dir / "recipe.yaml"))
 
 
@@ -151,6 +155,7 @@ def export_run(run_dir: str | Path, *, to: list[str] = ("gguf",), quant_types: l
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
             "exporters": recipe.resolved_dict()["exporters"], "device": policy.device,
             **({"merge_into": recipe.method_options.merge_into} if hasattr(recipe.method_options, "merge_into") else {}),
+            "smoke_examples": len(examples),
             "stages": {f"export:{p.name}": record.data["run_info"]["stages"][f"export:{p.name}"]["status"]
                        for p, _ in recipe.exporters},
         })
@@ -186,13 +191,13 @@ def what_the_export_reads(recipe, run_dir: Path):
     tokenizer = load_tokenizer(model_source, r.model.trust_remote_code, r.model.revision)
     data = recipe.dataset.load(recipe.dataset_options, r.seed)
     _, examples = evaluation_split(r.evaluation, data, policy)
-    _require_same_examples(run_dir, examples)
+    _require_same_examples(run_dir, examples, first_n=r.evaluation.max_samples)
     return policy, model_source, tokenizer, examples
 
 
-def _require_same_examples(run_dir: Path, examples) -> None:
+def _require_same_examples(run_dir: Path, examples, first_n: int | None = None) -> None:
     """The smoke test compares the GGUF with the run's HF answers: the dataset here must give the
-    examples the run scored."""
+    examples the run scored (with ``first_n``, an export's evaluation.max_samples, the first of them)."""
     path = run_dir / "predictions_finetuned.jsonl"
     if not path.is_file():
         raise PeftbenchError(f"run '{run_dir}' has no predictions_finetuned.jsonl to check the GGUF against.",
@@ -201,7 +206,7 @@ def _require_same_examples(run_dir: Path, examples) -> None:
 
     scored = read_predictions(path)
     missing = [str(i) for i in examples["id"] if str(i) not in scored]
-    if missing or len(scored) != len(examples):
+    if missing or (len(scored) != len(examples) and not (first_n and len(examples) == min(first_n, len(scored)))):
         raise PeftbenchError(
             f"the dataset on this machine does not give the examples run '{run_dir}' scored "
             f"({len(examples)} examples here, {len(scored)} in predictions_finetuned.jsonl"
