@@ -29,9 +29,10 @@ def _cmd_run(args) -> int:
 
     if is_comparison_file(args.recipe):
         return _run_comparison(args)
-    if args.jobs is not None:
-        raise PeftbenchError(f"--jobs runs the runs of a comparison side by side, and '{args.recipe}' is a single run.",
-                             "drop --jobs, or pass a comparison recipe (one with base: and methods:).")
+    if args.jobs is not None or args.search_only:
+        flag = "--jobs" if args.jobs is not None else "--search-only"
+        raise PeftbenchError(f"{flag} is for comparison recipes, and '{args.recipe}' is a single run.",
+                             f"drop {flag}, or pass a comparison recipe (one with base: and methods:).")
     if args.num_processes is not None and args.num_processes < 1:
         raise PeftbenchError(f"--num-processes {args.num_processes} is not a number of processes.", "pass 1 or more.")
     recipe = load_recipe(args.recipe, args.overrides)
@@ -61,7 +62,7 @@ def _run_comparison(args) -> int:
                          + (["--output-dir", args.output_dir] if args.output_dir else []))
     child_args = ["--num-processes", str(args.num_processes)] if args.num_processes else []
     records = run_comparison(comparison, resume=args.resume, overwrite=args.overwrite, command=command,
-                             child_args=child_args, jobs=args.jobs or 1)
+                             child_args=child_args, jobs=args.jobs or 1, search_only=args.search_only)
     return 0 if all(r["run_info"]["status"] == "success" for r in records) else 1
 
 
@@ -225,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--jobs", type=int, metavar="N",
                      help="comparison recipes: run N runs at a time, each its own process (a small model leaves a large "
                           "GPU mostly idle); each run's output goes to <output_dir>/recipes/<run>.out")
+    run.add_argument("--search-only", action="store_true",
+                     help="comparison recipes with search: stop after the search runs; the same command with --resume "
+                          "later runs the chosen settings' seeds and writes the report")
     run.set_defaults(func=_cmd_run)
 
     validate = sub.add_parser("validate", help="check a recipe (keys, types, plugins, files) without running it")

@@ -439,8 +439,14 @@ def test_search_then_seeds_end_to_end(tmp_path, base_file):
                             output_dir=str(tmp_path / "runs"), report=str(tmp_path / "cmp.md"),
                             methods=[{"method": "lora", "grid": {"trainer.learning_rate": [1e-5, 5e-3]}}])
     overrides = ["trainer.max_steps=2", "evaluation.max_samples=2", "evaluation.split=validation"]
-    assert main(["run", str(path), *overrides, "--jobs", "2"]) == 0
+    # In two sittings: the search alone, then the finals with --resume (the search runs are kept).
+    assert main(["run", str(path), *overrides, "--jobs", "2", "--search-only"]) == 0
+    assert [d.name for d in (tmp_path / "runs").iterdir() if (d / "run.json").is_file()] == []
+    assert not (tmp_path / "cmp.md").exists()
+    searched = {d.name: read_json(d / "run.json")["train_info"] for d in (tmp_path / "runs" / "search").iterdir()}
+    assert main(["run", str(path), *overrides, "--jobs", "2", "--resume"]) == 0
     search = {d.name: read_json(d / "run.json") for d in (tmp_path / "runs" / "search").iterdir()}
+    assert {name: r["train_info"] for name, r in search.items()} == searched, "kept, not trained again"
     assert set(search) == {"lora-learning_rate1e-05", "lora-learning_rate0.005"}
     for record in search.values():
         info = record["meta_info"]["dataset_info"]

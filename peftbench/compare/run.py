@@ -36,11 +36,15 @@ def check_run_dirs(comparison: Comparison, *, resume: bool, overwrite: bool) -> 
 
 
 def run_comparison(comparison: Comparison, *, resume: bool = False, overwrite: bool = False, command: str = "",
-                   child_args: list[str] = (), jobs: int = 1) -> list[dict]:
+                   child_args: list[str] = (), jobs: int = 1, search_only: bool = False) -> list[dict]:
     """Run every planned run (each in its own process, ``jobs`` at a time), go on past failures, then
-    write the report. ``child_args`` are passed on to each run's ``peftbench run`` (e.g. --num-processes)."""
+    write the report. ``child_args`` are passed on to each run's ``peftbench run`` (e.g. --num-processes).
+    ``search_only``: stop after the search phase (the finals follow with ``resume``, which keeps the
+    finished search runs: a search and its finals can then go in two sittings of a lent GPU)."""
     if jobs < 1:
         raise PeftbenchError(f"--jobs {jobs} is not a number of runs.", "pass 1 or more.")
+    if search_only and not comparison.search:
+        raise PeftbenchError("--search-only, and this comparison has no search.", "drop --search-only, or add search: to the recipe.")
     check_run_dirs(comparison, resume=resume, overwrite=overwrite)
     runner = _Runner(comparison, resume=resume, overwrite=overwrite, child_args=list(child_args), jobs=jobs)
     done = runner.run_all(comparison.runs, "search run" if comparison.search else "comparison run")
@@ -49,6 +53,9 @@ def run_comparison(comparison: Comparison, *, resume: bool = False, overwrite: b
         console.rule("[bold]settings chosen on the " + comparison.search.split + " split")
         for line in lines:
             console.print(line)
+        if search_only:
+            console.print(f"Search done; the {len(finals)} final runs and the report follow with the same command and --resume.")
+            return list(done.values())
         done.update(runner.run_all(finals, "final run"))
     write_report([comparison.output_dir / run.name for run in done], comparison.report_path, command=command)
     records = list(done.values())
