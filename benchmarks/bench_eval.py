@@ -24,7 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench_train import LLAMA_1B, TINY, load_tokenizer, sync  # noqa: E402
+from bench_train import LLAMA_1B, TINY, load_tokenizer, summarise_profile, sync  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes for the batched path "
                    "(default: the recipe's evaluation.batch_size default)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--profile-out", default=None, help="torch.profiler over one more batched pass of the first batch size: "
+                   "device-busy fraction and the top kernels, to this text file")
     p.add_argument("--out", default="benchmarks/results/bench_eval.json")
     return p.parse_args(argv)
 
@@ -148,6 +150,22 @@ def main(argv=None) -> dict:
                        "mean_summary_chars": round(sum(map(len, outputs)) / len(outputs), 1)}
         print(f"batched, batch {bs}: {seconds:.1f} s for {len(dialogues)} ({batched[bs]['speedup_vs_one_at_a_time']}x), "
               f"+ ROUGE {rouge_s:.1f} s (ROUGE-1 {scores['rouge1']:.2f})", flush=True)
+
+    if args.profile_out:
+        from torch.profiler import ProfilerActivity, profile
+
+        bs = batch_sizes[0]
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        sync(device)
+        start = time.perf_counter()
+        with profile(activities=activities) as prof:
+            generate_summaries(model, tokenizer, prompt, dialogues, batch_size=bs, max_new_tokens=new)
+            sync(device)
+        summary = summarise_profile(prof, time.perf_counter() - start, 1, device)
+        Path(args.profile_out).write_text(f"== batched generation, batch {bs}, {len(dialogues)} dialogues: wall "
+                                          f"{summary['wall_s']} s, device busy {summary['device_busy_fraction']}\n"
+                                          f"{summary['table']}\n", encoding="utf-8")
+        print(f"profile: wall {summary['wall_s']} s, device busy {summary['device_busy_fraction']} -> {args.profile_out}")
 
     # Identity: greedy outputs of both paths, in float32 so that rounding cannot flip a near-tie.
     check_n = min(args.check_n, len(dialogues))
