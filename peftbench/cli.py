@@ -198,6 +198,16 @@ def _cmd_export(args) -> int:
     return exit_code(record)
 
 
+def _cmd_evaluate(args) -> int:
+    import shlex
+
+    from peftbench.pipeline.evaluate_run import evaluate_run
+
+    with _sigterm_as_interrupt():
+        evaluate_run(args.run_dir, overrides=args.overrides, command=shlex.join(["peftbench", "evaluate", *args.argv[1:]]))
+    return 0
+
+
 def _cmd_smoke(args) -> int:
     from peftbench.smoke import run_smoke_command
 
@@ -260,6 +270,18 @@ def build_parser() -> argparse.ArgumentParser:
                              "conversion and smoke-tested, and a table compares them (default: the run recipe's, else Q4_K_M)")
     export.add_argument("--output-dir", help="write a copy of the run with its exports there instead of into RUN_DIR")
     export.set_defaults(func=_cmd_export)
+
+    evaluate = sub.add_parser(
+        "evaluate", help="score a finished run's adapter again with other evaluation settings (beams, split, length)",
+        description="Score a finished run's adapter again, without training: other decoding (evaluation.num_beams, "
+                    "evaluation.max_new_tokens) or another split (evaluation.split=selection to choose a setting, then the "
+                    "reported split for the chosen one). The scores go into run.json as eval['finetuned[...]'] and "
+                    "report.md; the answers into predictions_finetuned[...].jsonl.")
+    evaluate.add_argument("run_dir", metavar="RUN_DIR", help="a finished run directory, e.g. runs/quickstart")
+    evaluate.add_argument("overrides", nargs="*", metavar="key=value",
+                          help="evaluation.num_beams=4, evaluation.split=selection, evaluation.max_new_tokens=96, ...; "
+                               "or where the base model/data are on this machine (model.name=..., dataset.path=...)")
+    evaluate.set_defaults(func=_cmd_evaluate)
 
     plugins = sub.add_parser("plugins", help="list installed plugins, what they register, their hooks and versions")
     plugins.set_defaults(func=_cmd_plugins)

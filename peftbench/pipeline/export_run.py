@@ -167,7 +167,7 @@ def export_run(run_dir: str | Path, *, to: list[str] = ("gguf",), quant_types: l
     return record.data
 
 
-def what_the_export_reads(recipe, run_dir: Path):
+def what_the_export_reads(recipe, run_dir: Path, *, same_examples_as_the_run: bool = True):
     """(device policy, model source, tokenizer, evaluation examples) on this machine: the base model
     and the data the run used, each found (or refused in one line) before anything is written."""
     from peftbench.pipeline.device import resolve_policy
@@ -191,7 +191,8 @@ def what_the_export_reads(recipe, run_dir: Path):
     tokenizer = load_tokenizer(model_source, r.model.trust_remote_code, r.model.revision)
     data = recipe.dataset.load(recipe.dataset_options, r.seed)
     _, examples = evaluation_split(r.evaluation, data, policy)
-    _require_same_examples(run_dir, examples, first_n=r.evaluation.max_samples)
+    if same_examples_as_the_run:
+        _require_same_examples(run_dir, examples, first_n=r.evaluation.max_samples)
     return policy, model_source, tokenizer, examples
 
 

@@ -25,6 +25,11 @@ def rouge_rows(record: dict) -> list[tuple[str, list[str]]]:
         base, tuned = record["eval"].get("baseline"), record["eval"].get("finetuned")
         if key == "finetuned" and base and tuned:
             rows.append(("change", [f"{tuned[k] - base[k]:+.2f}" for k in ROUGE_TYPES] + [""]))
+    for key, scores in record.get("eval", {}).items():
+        if key.startswith("finetuned["):  # `peftbench evaluate`: the same adapter scored with other settings
+            split = (scores.get("settings") or {}).get("split")
+            label = f"fine-tuned, {key.removeprefix('finetuned[').removesuffix(']')}" + (f" ({split} split)" if split else "")
+            rows.append((label, [f"{scores[k]:.2f}" for k in ROUGE_TYPES] + [str(scores["n"])]))
     return rows
 
 
@@ -146,13 +151,17 @@ def _fmt(x) -> str:
     return f"{x:.4f}" if isinstance(x, (int, float)) else "n/a"
 
 
-def print_run_summary(record: dict, run_dir: Path) -> None:
+def print_rouge_table(record: dict) -> None:
     table = Table(title=f"ROUGE on {record['meta_info'].get('dataset_info', {}).get('eval_split')} split")
     for col in ("model", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "n"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for label, vals in rouge_rows(record):
         table.add_row(label, *vals)
     console.print(table)
+
+
+def print_run_summary(record: dict, run_dir: Path) -> None:
+    print_rouge_table(record)
     print_quantization_table(record)
     console.print(f"Run written to [bold]{run_dir}[/] (run.json, report.md, adapter/, predictions)")
 
