@@ -100,9 +100,11 @@ class _Runner:
         env = {**os.environ, ERROR_FILE_ENV: str(error_file)}
         if parallel:  # each run plans its GPU memory for its share of the device
             env[RUNS_SHARING_GPU_ENV] = str(self.jobs)
-            # ... and, with trainer.compile, its share of the CPUs: torch's inductor otherwise starts one
-            # compile worker per CPU in every run (N runs x all CPUs processes, each holding a Python).
-            env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", str(max(1, (os.cpu_count() or 1) // self.jobs)))
+            # ... and its share of the CPUs: torch's CPU ops and, with trainer.compile, inductor's compile
+            # workers otherwise each take every CPU in every run (N runs x all CPUs threads or processes).
+            share = str(max(1, (os.cpu_count() or 1) // self.jobs))
+            env.setdefault("OMP_NUM_THREADS", share)
+            env.setdefault("TORCHINDUCTOR_COMPILE_THREADS", share)
         if parallel:  # interleaved progress bars would be unreadable: each run's output goes to its own file
             console.print(f"{title}: {run.name} started (output: {self.recipes_dir / (run.name + '.out')})")
             with open(self.recipes_dir / f"{run.name}.out", "w", encoding="utf-8") as out:
