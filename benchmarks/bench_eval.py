@@ -42,6 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-sizes", default=None, help="comma-separated batch sizes for the batched path "
                    "(default: the recipe's evaluation.batch_size default)")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--cache-implementation", default=None, help="transformers' KV cache for the batched path "
+                   "(default: its dynamic cache; e.g. static)")
     p.add_argument("--profile-out", default=None, help="torch.profiler over one more batched pass of the first batch size: "
                    "device-busy fraction and the top kernels, to this text file")
     p.add_argument("--out", default="benchmarks/results/bench_eval.json")
@@ -138,9 +140,10 @@ def main(argv=None) -> dict:
     batched = {}
     for bs in batch_sizes:
         warm = 16 if bs == "auto" else bs
-        generate_summaries(model, tokenizer, prompt, dialogues[:warm], batch_size=bs, max_new_tokens=new)  # warm-up
+        cache = {"cache_implementation": args.cache_implementation}
+        generate_summaries(model, tokenizer, prompt, dialogues[:warm], batch_size=bs, max_new_tokens=new, **cache)  # warm-up
         outputs, seconds = timed(lambda: generate_summaries(model, tokenizer, prompt, dialogues, batch_size=bs,
-                                                            max_new_tokens=new), device)
+                                                            max_new_tokens=new, **cache), device)
         from peftbench.pipeline.evaluation import rouge
 
         scores, rouge_s = timed(lambda: rouge(outputs, references), "cpu")
@@ -159,7 +162,8 @@ def main(argv=None) -> dict:
         sync(device)
         start = time.perf_counter()
         with profile(activities=activities) as prof:
-            generate_summaries(model, tokenizer, prompt, dialogues, batch_size=bs, max_new_tokens=new)
+            generate_summaries(model, tokenizer, prompt, dialogues, batch_size=bs, max_new_tokens=new,
+                               cache_implementation=args.cache_implementation)
             sync(device)
         summary = summarise_profile(prof, time.perf_counter() - start, 1, device)
         Path(args.profile_out).write_text(f"== batched generation, batch {bs}, {len(dialogues)} dialogues: wall "
@@ -184,7 +188,8 @@ def main(argv=None) -> dict:
         model = model.float()
         check_what = what
     single = summarise_one_at_a_time(model, tokenizer, prompt, dialogues[:check_n], new)
-    together = generate_summaries(model, tokenizer, prompt, dialogues[:check_n], batch_size=check_n, max_new_tokens=new)
+    together = generate_summaries(model, tokenizer, prompt, dialogues[:check_n], batch_size=check_n, max_new_tokens=new,
+                                  cache_implementation=args.cache_implementation)
     identical = sum(a == b for a, b in zip(single, together))
     print(f"identical outputs ({check_what}, float32, batch {check_n}): {identical}/{check_n}", flush=True)
 

@@ -61,3 +61,28 @@ def test_auto_generation_batch_is_16_on_the_cpu_and_sized_by_memory_on_a_gpu(mon
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda *device: (80 * 2**30, 141 * 2**30))
     monkeypatch.setenv("PEFTBENCH_RUNS_SHARING_GPU", "4")
     assert evaluation.auto_batch_size(model, 576) == 256
+
+
+def test_a_static_kv_cache_gives_the_dynamic_caches_answers(tiny_model_dir, tiny_data_dir):
+    """bench_eval's --cache-implementation static: preallocated KV cache, same greedy answers (float32)
+    for a left-padded batch of dialogues of different lengths."""
+    import json
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from peftbench.pipeline.evaluation import generate_summaries
+    from peftbench.pipeline.modeling import load_tokenizer
+    from peftbench.pipeline.recipe import PromptSection
+
+    config = AutoConfig.from_pretrained(tiny_model_dir)
+    config.tie_word_embeddings = False  # a tied random model repeats its input; untied, it writes something
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, config=config, dtype=torch.float32).eval()
+    tokenizer = load_tokenizer(str(tiny_model_dir))
+    dialogues = [json.loads(line)["dialogue"] for line in (tiny_data_dir / "test.jsonl").read_text().splitlines()]
+    assert len({len(d) for d in dialogues}) > 1
+    dynamic = generate_summaries(model, tokenizer, PromptSection(), dialogues, batch_size=len(dialogues), max_new_tokens=10)
+    static = generate_summaries(model, tokenizer, PromptSection(), dialogues, batch_size=len(dialogues), max_new_tokens=10,
+                                cache_implementation="static")
+    assert static == dynamic and any(dynamic)

@@ -104,9 +104,11 @@ def auto_batch_size(model, longest_tokens: int, num_beams: int = 1) -> int:
 
 @torch.no_grad()
 def generate_summaries(model, tokenizer, prompt, dialogues: list[str], *, batch_size: int | str = 16,
-                       max_new_tokens: int = 64, num_beams: int = 1, progress=None) -> list[str]:
+                       max_new_tokens: int = 64, num_beams: int = 1, progress=None,
+                       cache_implementation: str | None = None) -> list[str]:
     """Greedy (or beam-search) summaries, batched. Prompts are sorted by length so each batch carries little padding,
-    padded on the left so every sequence's next token is at the same position."""
+    padded on the left so every sequence's next token is at the same position. ``cache_implementation``:
+    transformers' KV cache (None: its default, the dynamic cache; "static": preallocated)."""
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, prompt, d) for d in dialogues]
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)
@@ -131,6 +133,7 @@ def generate_summaries(model, tokenizer, prompt, dialogues: list[str], *, batch_
             do_sample=False, eos_token_id=stops, pad_token_id=pad_id,
             num_beams=num_beams, early_stopping=True if num_beams > 1 else None,
             temperature=None, top_p=None, top_k=None,  # greedy: silence the sampling defaults of chat models
+            **({"cache_implementation": cache_implementation} if cache_implementation else {}),
         )
         for row, i in enumerate(idx):
             outputs[i] = tokenizer.decode(generated[row, width:], skip_special_tokens=True).strip()
