@@ -104,19 +104,35 @@ def _cache_dir_for(gguf: Path) -> Path:
 def materialise_gguf(gguf: Path) -> Path:
     if not gguf.is_file():
         raise PeftbenchError(f"GGUF file '{gguf}' does not exist.", OFFLINE_HINT)
-    target = _cache_dir_for(gguf)
-    if (target / "config.json").is_file():
-        return target
-    console.print(f"Preparing [bold]{gguf.name}[/]: dequantising once into {target} (cached for later runs)")
-    _save_dequantised(str(gguf.parent), gguf.name, target)
-    return target
+    return _materialise_once(str(gguf.parent), gguf.name, _cache_dir_for(gguf))
 
 
 def materialise_gguf_from_hub(repo: str, gguf_file: str) -> Path:
     target = cache_root() / "models" / f"{repo.replace('/', '--')}--{Path(gguf_file).stem}"
-    if not (target / "config.json").is_file():
-        _save_dequantised(repo, gguf_file, target)
+    return _materialise_once(repo, gguf_file, target)
+
+
+def _materialise_once(source: str, gguf_file: str, target: Path) -> Path:
+    """The cached checkpoint, written by exactly one process. Side-by-side runs (``--jobs``) all
+    start by asking for it: without the lock, each dequantised on its own and one replaced the
+    folder while another was reading it (seen on the H200 with 21 runs: "no .safetensors weights",
+    "chat_template.jinja" not found). The lock is filelock's (a dependency of huggingface_hub)."""
+    from filelock import FileLock
+
+    if _is_complete(target):
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f".{target.name}.lock")):
+        if not _is_complete(target):  # another process may have written it while this one waited
+            console.print(f"Preparing [bold]{gguf_file}[/]: dequantising once into {target} (cached for later runs)")
+            _save_dequantised(source, gguf_file, target)
     return target
+
+
+def _is_complete(target: Path) -> bool:
+    # config.json alone is not proof: the folder appears by one atomic rename, but a cache written
+    # by an older peftbench could hold a partial copy.
+    return (target / "config.json").is_file() and any(target.glob("*.safetensors"))
 
 
 def _save_dequantised(source: str, gguf_file: str, target: Path) -> None:
