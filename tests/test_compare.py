@@ -420,6 +420,24 @@ def test_a_search_is_planned_on_a_split_carved_from_train(tmp_path, base_file):
         ("lora-warmup_steps0-learning_rate0.001-seed1", "validation"), ("lora-warmup_steps0-learning_rate0.001-seed2", "validation")]
 
 
+def test_a_short_horizon_search_has_a_budget_of_its_own(tmp_path, base_file):
+    methods = [{"method": "lora", "grid": {"trainer.learning_rate": [1e-4, 1e-3]}}, {"method": "bitfit", "grid": {"trainer.learning_rate": [1e-3]}}]
+    path = write_comparison(tmp_path, base=str(base_file), seeds=[1, 2], search={"max_steps": 3}, methods=methods)
+    comparison = load_comparison(path, overrides=["evaluation.split=validation", "trainer.max_steps=8"])
+    assert {r.raw["trainer"]["max_steps"] for r in comparison.runs} == {3}, "every method searched with the same short budget"
+    assert {r.raw["trainer"]["max_steps"] for runs in comparison.candidates.values() for r in runs} == {8}
+    quick = load_comparison(path, overrides=["evaluation.split=validation", "trainer.max_steps=2"])
+    assert {r.raw["trainer"]["max_steps"] for r in quick.runs} == {2}, "a search never trains longer than the runs it chooses for"
+
+
+def test_a_problem_of_the_base_recipe_names_every_run_once(tmp_path, base_file, capsys):
+    path = write_comparison(tmp_path, base=str(base_file), methods=["lora", "bitfit", "ia3"], seeds=[1, 2])
+    assert main(["validate", str(path), "trainer.learning_rate=-1"]) == 2
+    out = capsys.readouterr()
+    text = out.out + out.err
+    assert "[every run]" in text and "bitfit-seed2" not in text, text
+
+
 def test_a_search_on_the_reported_split_is_refused(tmp_path, base_file, capsys):
     path = write_comparison(tmp_path, base=str(base_file), search={"split": "validation"},
                             methods=[{"method": "lora", "grid": {"trainer.learning_rate": [1e-4, 1e-3]}}])
@@ -435,7 +453,7 @@ def test_a_search_on_the_reported_split_is_refused(tmp_path, base_file, capsys):
 def test_search_then_seeds_end_to_end(tmp_path, base_file):
     """Two learning rates searched on a selection split carved from train, the better one trained with
     two seeds and scored on validation; two runs at a time; the report shows the search and the ties."""
-    path = write_comparison(tmp_path, base=str(base_file), seeds=[1, 2], search={"selection_size": 4},
+    path = write_comparison(tmp_path, base=str(base_file), seeds=[1, 2], search={"selection_size": 4, "max_steps": 1},
                             output_dir=str(tmp_path / "runs"), report=str(tmp_path / "cmp.md"),
                             methods=[{"method": "lora", "grid": {"trainer.learning_rate": [1e-5, 5e-3]}}])
     overrides = ["trainer.max_steps=2", "evaluation.max_samples=2", "evaluation.split=validation"]
@@ -467,5 +485,6 @@ def test_search_then_seeds_end_to_end(tmp_path, base_file):
     assert final["meta_info"]["system_info"]["runs_side_by_side"] == 2, "their speed figures are marked as shared"
     report = (tmp_path / "cmp.md").read_text()
     assert "## Search" in report and "chosen |" in report and "## Ranking by ROUGE-1" in report
+    assert "The search trained each point for 1 optimiser steps (`search.max_steps`), the runs above for 2" in report
     assert report.count("| lora |") == 2, "both searched points are listed"
     assert (tmp_path / "cmp_search.png").is_file()

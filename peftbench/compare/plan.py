@@ -67,6 +67,9 @@ class SearchSpec(BaseModel):
     metric: Literal["rouge1", "rouge2", "rougeL", "rougeLsum"] = Field("rouge1", description="what the search maximises")
     seed: int | None = Field(None, description="seed of the search runs; default: the first of `seeds`")
     max_samples: int | None = Field(None, gt=0, description="score only the first N rows of the search split")
+    max_steps: int | None = Field(
+        None, gt=0, description="train each grid point for this many optimiser steps, the same for every method "
+        "(a short-horizon search: cheaper, and the report says so); default: the final runs' budget")
 
 
 class ComparisonRecipe(BaseModel):
@@ -210,6 +213,9 @@ def plan_search(search: SearchSpec, runs: list[PlannedRun]) -> tuple[list[Planne
         raw = {**copy.deepcopy(first.raw), "seed": seed}
         raw["evaluation"] = {**(raw.get("evaluation") or {}), "split": search.split, "selection_size": search.selection_size,
                              "max_samples": search.max_samples, "baseline": False}
+        if search.max_steps:  # the trainer fits the learning-rate schedule (warm-up, decay) to the shorter run
+            trainer = raw.get("trainer") or {}
+            raw["trainer"] = {**trainer, "max_steps": min(search.max_steps, trainer.get("max_steps") or search.max_steps)}
         # the search scores adapters; merging and converting every grid point would only cost time
         raw["exporters"] = [ref for ref in raw.get("exporters") or [] if isinstance(ref, dict) and ref.get("name") == "adapter"]
         searched.append(PlannedRun(name=f"search/{config}", config=config, label=first.label, seed=seed, grid=first.grid,
@@ -310,13 +316,22 @@ def _validate_all(source: str, runs: list[PlannedRun], host: Host) -> None:
     names = [run.name for run in runs]
     for label in sorted({run.label for run in runs if names.count(run.name) > 1}):  # two entries, one label
         problems[f"two entries are named '{label}' (give one a different `label:`)"] = []
-    problems.update(_budget_problems(runs, resolved))
+    for phase in dict.fromkeys(run.phase for run in runs):  # a search may have a budget of its own
+        problems.update(_budget_problems([run for run in runs if run.phase == phase], resolved))
     if problems:
-        text = "; ".join(detail + (f" [{', '.join(who)}]" if who else "") for detail, who in problems.items())
+        text = "; ".join(detail + _who(who, names) for detail, who in problems.items())
         raise PeftbenchError(
             f"comparison '{source}' is invalid: {text}.",
             "correct the base recipe, the entries or the key=value overrides (`peftbench validate` checks without running).",
         )
+
+
+def _who(who: list[str], names: list[str]) -> str:
+    """The runs a problem applies to: none named for a comparison-wide problem, "every run" rather than
+    a list of dozens when it is the base recipe's."""
+    if not who:
+        return ""
+    return " [every run]" if len(names) > 1 and set(who) == set(names) else f" [{', '.join(who)}]"
 
 
 def _budget_problems(runs: list[PlannedRun], resolved: dict) -> dict[str, list[str]]:

@@ -321,6 +321,20 @@ def _search(search_runs: list[Run], final_runs: list[Run]) -> list[str]:
     return lines
 
 
+def _search_budget(search_runs: list[Run], final_runs: list[Run]) -> list[str]:
+    """A sentence when the search trained for fewer steps than the results (``search.max_steps``)."""
+    def steps(runs: list[Run]) -> str:
+        found = sorted({r.record["train_info"].get("steps") for r in runs if r.ok} - {None})
+        return "/".join(map(str, found)) or "?"
+
+    searched = sorted({((r.record["run_info"].get("recipe") or {}).get("trainer") or {}).get("max_steps") for r in search_runs} - {None})
+    finals = [r for r in final_runs if r.annotation.get("chosen_by")]
+    if not searched or not finals or steps(search_runs) == steps(finals):
+        return []
+    return [f"The search trained each point for {steps(search_runs)} optimiser steps (`search.max_steps`), the runs above for "
+            f"{steps(finals)}: a short-horizon search, which can favour a higher learning rate than the full run's best."]
+
+
 def _grid_sort_key(run: Run) -> tuple:
     return tuple((k, v if isinstance(v, (int, float)) else 0, str(v)) for k, v in sorted((run.annotation.get("grid") or {}).items()))
 
@@ -446,7 +460,7 @@ def render_markdown(runs: list[Run], *, title: str, command: str = "", plots: li
         lines += ["## Search", "",
                   "Each grid point was trained once and scored on a split carved from train (never trained on, never",
                   "reported above); each method's best point was then trained once per seed and scored on the split above.",
-                  ""] + _search(search_runs, runs) + [""]
+                  *_search_budget(search_runs, runs), ""] + _search(search_runs, runs) + [""]
     lines += ["## Settings", ""] + _settings(groups) + [""]
     notes = _notes(groups)
     if notes:
