@@ -450,6 +450,45 @@ def test_a_search_on_the_reported_split_is_refused(tmp_path, base_file, capsys):
         load_comparison(no_grid)
 
 
+def test_a_run_stopped_part_way_joins_its_configuration_and_is_not_called_failed(tmp_path):
+    """A comparison annotates a run when it ends: one stopped part-way (its machine given back) has a
+    record in state "running" and no annotation. It is counted with its configuration, as unfinished."""
+    records = [fake_record(f"lora-lr0.001-seed{s}", "lora", rouge1=30.0 + s, seed=s, config="lora-lr0.001",
+                           grid={"trainer.learning_rate": 0.001}) for s in (1, 2)]
+    stopped = fake_record("lora-lr0.001-seed3", "lora", rouge1=0, seed=3)
+    stopped["run_info"]["status"] = "running"
+    del stopped["eval"]["finetuned"]
+    never = fake_record("ia3-lr0.01-seed1", "ia3", rouge1=0, seed=1)
+    never["run_info"]["status"] = "running"
+    del never["eval"]["finetuned"]
+    markdown = render_markdown([Run(r) for r in records + [stopped, never]], title="t")
+    rows = table_rows(markdown)
+    assert "lora-lr0.001 (2 seeds, 1 did not finish)" in rows
+    assert rows["lora-lr0.001 (2 seeds, 1 did not finish)"]["ROUGE-1 (Δ base)"] == "31.50 ± 0.71 (+11.50)"
+    assert "ia3-lr0.01 — did not finish" in rows and not any("failed" in row for row in rows)
+    assert "lora-lr0.001-seed3 did not finish (running)" in markdown
+
+
+def test_a_setting_chosen_at_the_end_of_its_grid_is_pointed_out(tmp_path):
+    def search_run(lr, score, modules):
+        config = f"lora-lr{lr}-{modules}"
+        record = fake_record(f"search/{config}", "lora", rouge1=score, config=config,
+                             grid={"trainer.learning_rate": lr, "method.target_modules": [modules]})
+        record["run_info"]["comparison"].update(phase="search", chosen_by=None)
+        return record
+    runs = [search_run(lr, score, m) for lr, score in ((1e-4, 30.0), (1e-3, 33.0), (1e-2, 35.0)) for m in ("q_proj", "v_proj")]
+    final = fake_record("lora-lr0.01-q_proj-seed1", "lora", rouge1=36.0, seed=1, config="lora-lr0.01-q_proj",
+                        grid={"trainer.learning_rate": 0.01, "method.target_modules": ["q_proj"]})
+    final["run_info"]["comparison"].update(phase="final", chosen_by={"split": "selection", "metric": "rouge1", "value": 35.0})
+    markdown = render_markdown([Run(r) for r in runs + [final]], title="t")
+    assert "- lora: the chosen trainer.learning_rate=0.01 is the largest searched; the best may lie beyond the grid." in markdown
+    assert "target_modules=['q_proj'] is the" not in markdown, "a list has no end"
+    inside = [search_run(lr, score, "q_proj") for lr, score in ((1e-4, 30.0), (1e-3, 36.0), (1e-2, 35.0))]
+    final["run_info"]["comparison"]["grid"]["trainer.learning_rate"] = 0.001
+    final["run_info"]["comparison"]["config"] = "lora-lr0.001-q_proj"
+    assert "beyond the grid" not in render_markdown([Run(r) for r in inside + [final]], title="t")
+
+
 def test_search_then_seeds_end_to_end(tmp_path, base_file):
     """Two learning rates searched on a selection split carved from train, the better one trained with
     two seeds and scored on validation; two runs at a time; the report shows the search and the ties."""

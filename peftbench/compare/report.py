@@ -116,7 +116,16 @@ class Group:
 
     @property
     def failed_runs(self) -> list[Run]:
-        return [r for r in self.runs if not r.ok]
+        return [r for r in self.runs if not r.ok and not _unfinished(r)]
+
+    @property
+    def unfinished_runs(self) -> list[Run]:
+        return [r for r in self.runs if _unfinished(r)]
+
+
+def _unfinished(run: Run) -> bool:
+    """Stopped before it ended (killed, machine given back): not a failure of the method."""
+    return not run.ok and run.record["run_info"].get("status") in ("running", "interrupted", None)
 
 
 def _config_key(run: Run) -> str:
@@ -130,8 +139,15 @@ def _config_key(run: Run) -> str:
 
 def group_runs(runs: list[Run]) -> list[Group]:
     by_key: dict[str, list[Run]] = {}
+    configs = {run.annotation["config"] for run in runs if run.annotation.get("config")}
     for run in runs:
-        by_key.setdefault(_config_key(run), []).append(run)
+        key = _config_key(run)
+        # A comparison annotates each run when it ends: a run stopped part-way (its machine given back)
+        # has no annotation, and joins its configuration's group by name instead of posing as another one.
+        unfinished_of = re.sub(r"-seed\d+$", "", run.name)
+        if not run.annotation and unfinished_of != run.name and unfinished_of in configs:
+            key = "config:" + unfinished_of
+        by_key.setdefault(key, []).append(run)
     groups = []
     for key, members in by_key.items():
         members.sort(key=lambda r: (_seed(r), r.name))
@@ -256,9 +272,12 @@ def _table(groups: list[Group], columns: list[Column]) -> list[str]:
     for g in groups:
         label = g.label
         if g.ok_runs and len(g.runs) > 1:
-            label += f" ({len(g.ok_runs)} seeds" + (f", {len(g.failed_runs)} failed)" if g.failed_runs else ")")
+            extra = ([f"{len(g.failed_runs)} failed"] if g.failed_runs else []) \
+                + ([f"{len(g.unfinished_runs)} did not finish"] if g.unfinished_runs else [])
+            label += f" ({len(g.ok_runs)} seed{'s' if len(g.ok_runs) > 1 else ''}" + "".join(", " + e for e in extra) + ")"
         if not g.ok_runs:
-            lines.append(f"| {label} — **failed** | " + " | ".join("—" for _ in columns) + " |")
+            verdict = "**failed**" if g.failed_runs else "did not finish"
+            lines.append(f"| {label} — {verdict} | " + " | ".join("—" for _ in columns) + " |")
             continue
         cells = []
         for col in columns:
@@ -318,6 +337,29 @@ def _search(search_runs: list[Run], final_runs: list[Run]) -> list[str]:
         is_chosen = run.annotation.get("config") in chosen
         lines.append(f"| {run.annotation.get('label', run.method)} | {grid} | "
                      + (f"**{score}** | chosen |" if is_chosen else f"{score} | |"))
+    return lines
+
+
+def _grid_edges(search_runs: list[Run], final_runs: list[Run]) -> list[str]:
+    """A line for each chosen setting at the end of a numeric grid (the largest or smallest learning
+    rate searched): the best may lie beyond what was searched, and the grid should be widened."""
+    chosen = {r.annotation.get("config") for r in final_runs if r.annotation.get("chosen_by")}
+    lines = []
+    for label in sorted({r.annotation.get("label", r.method) for r in search_runs}):
+        runs = [r for r in search_runs if r.annotation.get("label", r.method) == label]
+        picked = next((r for r in runs if r.annotation.get("config") in chosen), None)
+        scored = [r for r in runs if r.ok and "rouge1" in r.record["eval"]["finetuned"]]
+        if picked is None and scored:  # finals not run yet: the best search point is the one they would train
+            picked = max(scored, key=lambda r: r.record["eval"]["finetuned"]["rouge1"])
+        if picked is None:
+            continue
+        for key, value in (picked.annotation.get("grid") or {}).items():
+            values = [(r.annotation.get("grid") or {}).get(key) for r in runs]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or len(set(values)) < 3:
+                continue  # target modules and the like have no order
+            if value in (max(values), min(values)):
+                end = "largest" if value == max(values) else "smallest"
+                lines.append(f"- {label}: the chosen {key}={value} is the {end} searched; the best may lie beyond the grid.")
     return lines
 
 
@@ -461,6 +503,9 @@ def render_markdown(runs: list[Run], *, title: str, command: str = "", plots: li
                   "Each grid point was trained once and scored on a split carved from train (never trained on, never",
                   "reported above); each method's best point was then trained once per seed and scored on the split above.",
                   *_search_budget(search_runs, runs), ""] + _search(search_runs, runs) + [""]
+        edges = _grid_edges(search_runs, runs)
+        if edges:
+            lines += edges + [""]
     lines += ["## Settings", ""] + _settings(groups) + [""]
     notes = _notes(groups)
     if notes:
