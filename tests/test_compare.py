@@ -527,3 +527,36 @@ def test_search_then_seeds_end_to_end(tmp_path, base_file):
     assert "The search trained each point for 1 optimiser steps (`search.max_steps`), the runs above for 2" in report
     assert report.count("| lora |") == 2, "both searched points are listed"
     assert (tmp_path / "cmp_search.png").is_file()
+
+
+def test_side_by_side_runs_without_mps_get_one_note(tmp_path, monkeypatch, capsys):
+    """With an NVIDIA GPU (nvidia-smi on PATH) and no MPS control pipe, --jobs 2 prints the note once;
+    with the pipe there, nothing."""
+    from peftbench.compare import run as compare_run
+    from peftbench.pipeline.device import nvidia_mps_running
+
+    monkeypatch.setenv("CUDA_MPS_PIPE_DIRECTORY", str(tmp_path / "mps"))
+    assert not nvidia_mps_running()
+    (tmp_path / "mps").mkdir()
+    (tmp_path / "mps" / "control").write_text("")
+    assert nvidia_mps_running()
+    (tmp_path / "mps" / "control").unlink()
+    monkeypatch.setattr(compare_run.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+
+    class Stop(Exception):
+        pass
+
+    def stop(*args, **kwargs):
+        raise Stop
+
+    monkeypatch.setattr(compare_run, "_Runner", stop)
+    comparison = type("C", (), {"search": None})()
+    monkeypatch.setattr(compare_run, "check_run_dirs", lambda *a, **k: None)
+    with pytest.raises(Stop):
+        compare_run.run_comparison(comparison, jobs=2)
+    out = " ".join(capsys.readouterr().out.split())  # the console wraps long lines
+    assert out.count("nvidia-cuda-mps-control -d") == 1 and "2 runs will take turns on the GPU" in out
+    (tmp_path / "mps" / "control").write_text("")
+    with pytest.raises(Stop):
+        compare_run.run_comparison(comparison, jobs=2)
+    assert "nvidia-cuda-mps-control" not in capsys.readouterr().out

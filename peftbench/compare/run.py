@@ -6,6 +6,7 @@ a large GPU mostly idle, so side-by-side runs cost little more time than one."""
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ from peftbench.compare.report import write_report
 from peftbench.console import console
 from peftbench.errors import ERROR_FILE_ENV, PeftbenchError
 from peftbench.files import atomic_write_json, atomic_write_text, read_json
-from peftbench.pipeline.device import RUNS_SHARING_GPU_ENV
+from peftbench.pipeline.device import RUNS_SHARING_GPU_ENV, nvidia_mps_running
 from peftbench.pipeline.record import new_record, recorded_status
 
 
@@ -46,6 +47,9 @@ def run_comparison(comparison: Comparison, *, resume: bool = False, overwrite: b
     if search_only and not comparison.search:
         raise PeftbenchError("--search-only, and this comparison has no search.", "drop --search-only, or add search: to the recipe.")
     check_run_dirs(comparison, resume=resume, overwrite=overwrite)
+    if jobs > 1 and shutil.which("nvidia-smi") and not nvidia_mps_running():
+        console.print(f"[yellow]note:[/] the {jobs} runs will take turns on the GPU in time slices. NVIDIA MPS lets their "
+                      "kernels run at the same time: start it first with `nvidia-cuda-mps-control -d` (README: Comparing methods).")
     runner = _Runner(comparison, resume=resume, overwrite=overwrite, child_args=list(child_args), jobs=jobs)
     done = runner.run_all(comparison.runs, "search run" if comparison.search else "comparison run")
     if comparison.search:

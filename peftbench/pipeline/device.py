@@ -25,6 +25,14 @@ def free_gpu_memory() -> int:
     return free // sharing
 
 
+def nvidia_mps_running() -> bool:
+    """Whether an NVIDIA MPS control daemon is up (its pipe directory: CUDA_MPS_PIPE_DIRECTORY, else
+    /tmp/nvidia-mps). Without MPS, processes that share a GPU take turns in time slices; with it, their
+    kernels run at the same time, which is what side-by-side runs of a small model need."""
+    pipe_dir = os.environ.get("CUDA_MPS_PIPE_DIRECTORY", "/tmp/nvidia-mps")
+    return os.path.exists(os.path.join(pipe_dir, "control"))
+
+
 @dataclass
 class DevicePolicy:
     device: str  # "cuda", "mps" or "cpu"

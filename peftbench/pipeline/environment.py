@@ -43,8 +43,10 @@ def system_info(policy) -> dict:
         info["accelerator"] = torch.cuda.get_device_name()
         info["cuda"] = torch.version.cuda
         info["compute_capability"] = ".".join(map(str, torch.cuda.get_device_capability()))
-    from peftbench.pipeline.device import RUNS_SHARING_GPU_ENV
+    from peftbench.pipeline.device import RUNS_SHARING_GPU_ENV, nvidia_mps_running
 
     if os.environ.get(RUNS_SHARING_GPU_ENV):  # side-by-side runs: speed and memory figures are shared ones
         info["runs_side_by_side"] = int(os.environ[RUNS_SHARING_GPU_ENV])
+        if policy.device == "cuda":
+            info["nvidia_mps"] = nvidia_mps_running()
     return info
