@@ -554,14 +554,18 @@ def write_plots(runs: list[Run], directory: Path, stem: str) -> list[tuple[str, 
 
 
 def _search_plot(plt, search_runs: list[Run], directory: Path, stem: str) -> tuple[str, str] | None:
-    """The search's score against the learning rate, one line per method (when the grid varies it)."""
+    """The search's score against the learning rate, one line per method and setting of the grid's
+    other keys (e.g. "lora, target_modules=all-linear"), so that a line joins comparable points only."""
     key = "trainer.learning_rate"
     lines: dict[str, list[tuple[float, float]]] = {}
     for run in search_runs:
-        lr = (run.annotation.get("grid") or {}).get(key)
+        grid = run.annotation.get("grid") or {}
+        lr = grid.get(key)
         tuned = run.record.get("eval", {}).get("finetuned") or {}
         if run.ok and isinstance(lr, (int, float)) and "rouge1" in tuned:
-            lines.setdefault(run.annotation.get("label", run.method), []).append((float(lr), tuned["rouge1"]))
+            others = ", ".join(f"{k.rpartition('.')[2]}={_compact(v)}" for k, v in sorted(grid.items()) if k != key)
+            label = run.annotation.get("label", run.method) + (f", {others}" if others else "")
+            lines.setdefault(label, []).append((float(lr), tuned["rouge1"]))
     if not lines:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
