@@ -206,15 +206,16 @@ def wrap_with_peft(model, peft_config):
 
 
 MergeTarget = Literal["original", "nf4_roundtrip"]
-MERGE_TARGET_HELP = ("16-bit weights the trained adapter of a 4-bit base is folded into when merging: the original "
-                     "base, or the base's NF4 weights dequantised (what the adapter was trained against)")
+MERGE_TARGET_HELP = ("16-bit weights the trained adapter of a 4-bit base is folded into when merging: the base's NF4 "
+                     "weights dequantised (nf4_roundtrip, what the adapter was trained against: the GGUF keeps the "
+                     "trained model's quality), or the original base (original)")
 
 
 def base_for_merge(ctx: "RunContext", merge_into: MergeTarget):
     """A fresh 16-bit base for merging the adapter of a method that trained on a 4-bit base.
     Merging into the 4-bit weights themselves would round the update away, so the choice is which
     16-bit weights: the original ones, or the 4-bit ones dequantised, which the adapter learnt to
-    correct (the difference grows with training: see the merge_into default's comment)."""
+    correct (the difference grows with training: see qlora's merge_into default for figures)."""
     if merge_into == "nf4_roundtrip":
         model = ctx.load_base_model().dequantize()  # bitsandbytes: NF4 weights back in the compute dtype
         # transformers 5.17-5.23 `dequantize()` clears is_quantized but leaves is_loaded_in_4bit set,

@@ -133,7 +133,7 @@ def test_export_of_a_finished_4_bit_run_into_another_directory(qlora_run, tmp_pa
     assert snapshot(qlora_run) == untouched
     record = read_json(out_dir / "run.json")
     assert kept(read_json(qlora_run / "run.json"), record) == []
-    assert record["run_info"]["recipe"]["method"]["merge_into"] == "original"
+    assert record["run_info"]["recipe"]["method"]["merge_into"] == "nf4_roundtrip", "the default: what it was trained against"
     merged = Path(record["exports"]["merged"]["files"]["merged"])
     assert merged.parent.parent == out_dir and (merged / "model.safetensors").is_file()
     assert record["exports"]["gguf"]["merge_reused"] is True  # merged once, converted from the same checkpoint
@@ -215,22 +215,54 @@ def test_a_failed_export_keeps_run_json_whole(lora_run, tmp_path, monkeypatch, c
     assert after["run_info"]["exports_after_run"][-1]["stages"] == {"export:gguf": "failed"}
 
 
+def test_of_several_types_one_that_loses_quality_is_a_failed_row_not_a_failed_export(lora_run, tmp_path, monkeypatch, capsys):
+    """Several quantisation types are a choice of file: a type whose smoke test fails is marked in the
+    table and run.json, and the export passes while another type keeps the quality; when every type
+    fails, the export fails."""
+    from peftbench_plugins.exporters import gguf as gguf_exporter
+
+    real = gguf_exporter.smoke_in_run
+    failing = {"gguf"}  # the first type's label (Q4_K_M)
+
+    def smoke(path, ctx, margin, label):
+        scores, problems = real(path, ctx, margin, label)
+        if label in failing:
+            scores = {**scores, "passed": False}
+            problems = problems + ["ROUGE-1 40.00 is 5.00 points below the HF model's 45.00 (allowed: 1.5)"]
+        return scores, problems
+
+    monkeypatch.setattr(gguf_exporter, "smoke_in_run", smoke)
+    out_dir = tmp_path / "one_kept"
+    assert main(["export", str(lora_run), "--quant-type", "Q4_K_M", "Q8_0", "--output-dir", str(out_dir)]) == 0
+    out = " ".join(capsys.readouterr().out.split())
+    record = read_json(out_dir / "run.json")
+    assert record["run_info"]["stages"]["export:gguf"]["status"] == "success"
+    gguf = record["exports"]["gguf"]
+    assert gguf["smoke_failed_types"] == ["Q4_K_M"]
+    assert [q["smoke"]["passed"] for q in gguf["quantizations"]] == [False, True]
+    assert "note: ROUGE-1 40.00 is 5.00 points below" in out
+    failing.add("gguf Q8_0")
+    assert main(["export", str(lora_run), "--quant-type", "Q4_K_M", "Q8_0", "--output-dir", str(tmp_path / "none_kept")]) == 1
+    capsys.readouterr()
+    assert read_json(tmp_path / "none_kept" / "run.json")["run_info"]["stages"]["export:gguf"]["status"] == "failed"
+
+
 def test_a_4bit_run_is_exported_into_the_merge_target_asked_for(qlora_run, tmp_path, capsys):
     """merge_into acts at export, so `peftbench export` may change it; a key=value written after
     --to or --quant-type is still an override, not a format or a type."""
     out_dir = tmp_path / "roundtrip"
-    code = main(["export", str(qlora_run), "--to", "merged", "method.merge_into=nf4_roundtrip", "--output-dir", str(out_dir)])
+    code = main(["export", str(qlora_run), "--to", "merged", "method.merge_into=original", "--output-dir", str(out_dir)])
     assert code == 0, capsys.readouterr().out
     record = read_json(out_dir / "run.json")
-    assert record["run_info"]["exports_after_run"][-1]["merge_into"] == "nf4_roundtrip"
-    assert record["run_info"]["recipe"]["method"]["merge_into"] == "original", "the run's own recipe is kept as trained"
+    assert record["run_info"]["exports_after_run"][-1]["merge_into"] == "original"
+    assert record["run_info"]["recipe"]["method"]["merge_into"] == "nf4_roundtrip", "the run's own recipe is kept as trained"
     assert main(["export", str(qlora_run), "--to", "merged", "method.r=4", "--output-dir", str(tmp_path / "no")]) == 2
     assert "method.r=4" in capsys.readouterr().out and not (tmp_path / "no").exists()
     # Exported again in place with the other target: the merged checkpoint is made again, not reused.
     marker = out_dir / "exports" / "merged" / "peftbench_merge.json"
-    assert read_json(marker)["merge_into"] == "nf4_roundtrip"
-    assert main(["export", str(out_dir), "--to", "merged", "method.merge_into=original"]) == 0
     assert read_json(marker)["merge_into"] == "original"
+    assert main(["export", str(out_dir), "--to", "merged", "method.merge_into=nf4_roundtrip"]) == 0
+    assert read_json(marker)["merge_into"] == "nf4_roundtrip"
 
 
 def test_a_smoke_test_on_the_first_n_examples(lora_run, tmp_path, capsys):

@@ -287,11 +287,12 @@ class GgufExporter(ExporterPlugin):
         problems: list[str] = []
         all_scores: dict = {}  # eval.gguf (the first type) / eval.gguf_unquantized in run.json
         quantizations = []
+        smoke_problems_by_type: dict[str, list[str]] = {}
         for i, quant_type in enumerate(types):
             # The first type keeps the single-type names (files.gguf, eval.gguf, predictions_gguf.jsonl,
             # times.quantize_s) that reports and the ollama exporter read.
             key = "" if i == 0 else f"_{quant_type}"
-            entry, final, type_problems = self._one_type(options, ctx, unquantized, quant_type, key, times)
+            entry, final, type_problems, type_smoke_problems = self._one_type(options, ctx, unquantized, quant_type, key, times)
             files[f"gguf{key}"] = str(final)
             if i == 0:
                 info.update({k: entry[k] for k in ("fallback_tensors", "checks") if k in entry})
@@ -299,8 +300,19 @@ class GgufExporter(ExporterPlugin):
                     all_scores["gguf"] = entry["smoke"]
             quantizations.append({k: v for k, v in entry.items() if k != "smoke"} | {"smoke": _smoke_summary(entry.get("smoke"))})
             problems += type_problems
+            smoke_problems_by_type[quant_type] = type_smoke_problems
         if len(types) > 1:
             info["quantizations"] = quantizations
+        kept = [q["quant_type"] for q in quantizations if (q["smoke"] or {}).get("passed")]
+        if len(types) > 1 and kept:
+            # Several types are a choice of file: a type that loses too much quality is a row marked
+            # "failed" in the table, not a failed export, as long as one type keeps the quality.
+            info["smoke_failed_types"] = [t for t, found in smoke_problems_by_type.items() if found]
+            for found in smoke_problems_by_type.values():
+                for problem in found:
+                    console.print(f"[yellow]note:[/] {problem}")
+        else:
+            problems += [p for found in smoke_problems_by_type.values() for p in found]
         if str(unquantized) not in files.values():
             files[f"gguf_{options.convert_type}"] = str(unquantized)
 
@@ -322,7 +334,7 @@ class GgufExporter(ExporterPlugin):
 
     def _one_type(self, options: GgufOptions, ctx, unquantized: Path, quant_type: str, key: str, times: dict):
         """Quantise (unless it is the converter's own type), check, and smoke-test one type:
-        (its entry for run.json, its file, its problems)."""
+        (its entry for run.json, its file, its checks' problems, its smoke test's problems)."""
         entry: dict = {"quant_type": quant_type}
         final = unquantized.parent / f"model-{quant_type}.gguf"
         if quant_type.lower() == options.convert_type:
@@ -339,6 +351,7 @@ class GgufExporter(ExporterPlugin):
         entry["file"] = str(final)
         facts, problems = check_gguf(final, ctx.tokenizer)
         entry["checks"] = facts
+        smoke_problems: list[str] = []
         if options.smoke:
             start = time.perf_counter()
             label = "gguf" if not key else f"gguf {quant_type}"
@@ -346,8 +359,11 @@ class GgufExporter(ExporterPlugin):
             if scores:
                 entry["smoke"] = {**scores, "quant_type": quant_type}
             times[f"smoke{key}_s"] = round(time.perf_counter() - start, 2)
-            problems += smoke_problems
-        return entry, final, [f"{quant_type}: {p}" for p in problems] if key else problems
+
+        def named(found: list[str]) -> list[str]:
+            return [f"{quant_type}: {p}" for p in found] if key else found
+
+        return entry, final, named(problems), named(smoke_problems)
 
 
 def _smoke_summary(smoke: dict | None) -> dict | None:

@@ -30,7 +30,7 @@ class Ia3Options(Options):
         False, description="load the frozen base in 4-bit NF4 (bitsandbytes) to save memory; "
                            "merging folds the adapter into 16-bit weights (merge_into)"
     )
-    merge_into: MergeTarget = Field("original", description=MERGE_TARGET_HELP + "; with load_in_4bit only (default as for qlora)")
+    merge_into: MergeTarget = Field("nf4_roundtrip", description=MERGE_TARGET_HELP + "; with load_in_4bit only (default as for qlora)")
 
 
 class Ia3(MethodPlugin):
