@@ -51,6 +51,9 @@ def main() -> None:
         line = (f"parallel {parallel:>2}, {out['threads']} threads: {out['wall_s']:.1f} s wall, decode {out['decode_s']:.1f} s, "
                 f"{out['generated_tokens'] / out['decode_s']:.1f} generated tokens/s, "
                 f"ROUGE-1 {rouge(texts, references)['rouge1']:.2f}")
+        if "prompt_s" in out:
+            line += (f" [prompts {out['prompt_s']:.1f} s, {out['prompt_tokens'] / max(out['prompt_s'], 1e-9):.0f} tok/s; "
+                     f"{out['steps']} decoding steps {out['step_s']:.1f} s, {out['step_tokens'] / max(out['step_s'], 1e-9):.0f} tok/s]")
         if first is None:
             first = out
         else:

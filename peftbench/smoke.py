@@ -349,6 +349,7 @@ def answer_examples(gguf: str, examples: list[dict], prompt, max_new_tokens: int
     llm = load_gguf(gguf, n_ctx=n_ctx if parallel == 1 else 64, threads=threads)  # batched: its own context
     try:
         tokenizer = GgufTokenizer(llm)
+        timings: dict = {}  # batched: time in prompts and in decoding steps (benchmarks/bench_smoke.py prints them)
         start = time.perf_counter()
         if parallel == 1:
             answers = []
@@ -357,16 +358,16 @@ def answer_examples(gguf: str, examples: list[dict], prompt, max_new_tokens: int
                 if progress is not None:
                     progress(1)
         else:
-            answers = answer_batched(llm, tokenizer, prompt, examples, max_new_tokens, parallel, threads, progress)
+            answers = answer_batched(llm, tokenizer, prompt, examples, max_new_tokens, parallel, threads, progress, timings)
         decode_s = time.perf_counter() - start
     finally:
         llm.close()
     return {"answers": answers, "generated_tokens": sum(a.tokens for a in answers), "decode_s": decode_s,
-            "parallel": parallel, "threads": threads}
+            "parallel": parallel, "threads": threads, **timings}
 
 
 def answer_batched(llm, tokenizer: GgufTokenizer, prompt, examples: list[dict], max_new_tokens: int, parallel: int,
-                   threads: int, progress=None) -> list[Answer]:
+                   threads: int, progress=None, timings: dict | None = None) -> list[Answer]:
     """Greedy answers, ``parallel`` sequences decoded together (continuous batching, as llama.cpp's
     examples/parallel): one llama_decode call holds the next token of every running sequence; a
     finished sequence's KV cells are removed and the next example's prompt takes its sequence id.
@@ -408,6 +409,7 @@ def answer_batched(llm, tokenizer: GgufTokenizer, prompt, examples: list[dict], 
     answers: list[Answer | None] = [None] * len(examples)
     pending = list(range(len(examples)))[::-1]  # popped from the end: examples in their order
     running: dict[int, dict] = {}  # seq id -> {"index", "generated", "pos", "next"}
+    clock = {"prompt_s": 0.0, "prompt_tokens": 0, "step_s": 0.0, "steps": 0, "step_tokens": 0}
 
     def decode(tokens: list[tuple[int, int, int, bool]]) -> None:
         """One llama_decode of (token, position, seq id, wants logits) entries."""
@@ -444,16 +446,25 @@ def answer_batched(llm, tokenizer: GgufTokenizer, prompt, examples: list[dict], 
             if free and pending:  # start the next example in a free sequence
                 seq, index = free[0], pending.pop()
                 ids = prompts[index]
+                started = time.perf_counter()
                 decode([(token, pos, seq, pos == len(ids) - 1) for pos, token in enumerate(ids)])
+                clock["prompt_s"] += time.perf_counter() - started
+                clock["prompt_tokens"] += len(ids)
                 running[seq] = {"index": index, "generated": [], "pos": len(ids)}
                 take(seq, len(ids) - 1)
                 continue
             order = list(running)
+            started = time.perf_counter()
             decode([(running[seq]["next"], running[seq]["pos"], seq, True) for seq in order])
+            clock["step_s"] += time.perf_counter() - started
+            clock["steps"] += 1
+            clock["step_tokens"] += len(order)
             for row, seq in enumerate(order):
                 running[seq]["pos"] += 1
                 take(seq, row)
     finally:
+        if timings is not None:
+            timings.update({k: round(v, 2) for k, v in clock.items()})
         llama_cpp.llama_batch_free(batch)
         ctx.close()
     return answers
