@@ -144,7 +144,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
         key = _config_key(run)
         # A comparison annotates each run when it ends: a run stopped part-way (its machine given back)
         # has no annotation, and joins its configuration's group by name instead of posing as another one.
-        unfinished_of = re.sub(r"-seed\d+$", "", run.name)
+        unfinished_of = _without_seed(run.name)
         if not run.annotation and unfinished_of != run.name and unfinished_of in configs:
             key = "config:" + unfinished_of
         by_key.setdefault(key, []).append(run)
@@ -152,7 +152,7 @@ def group_runs(runs: list[Run]) -> list[Group]:
     for key, members in by_key.items():
         members.sort(key=lambda r: (_seed(r), r.name))
         first = members[0]
-        label = first.annotation.get("config") or re.sub(r"-seed\d+$", "", first.name)
+        label = first.annotation.get("config") or _without_seed(first.name)
         groups.append(Group(key=key, label=label, method=first.method, grid=first.annotation.get("grid") or {}, runs=members))
     groups.sort(key=lambda g: (g.label, g.method, g.key))
     seen: dict[str, int] = {}
@@ -163,6 +163,11 @@ def group_runs(runs: list[Run]) -> list[Group]:
     for g in groups:
         g.stats = _stats([run_metrics(r.record) for r in g.ok_runs])
     return groups
+
+
+def _without_seed(name: str) -> str:
+    """A run's name without the comparison's "-seedN" suffix: its configuration's name."""
+    return re.sub(r"-seed\d+$", "", name)
 
 
 def _seed(run: Run) -> int:
