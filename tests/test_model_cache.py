@@ -69,3 +69,27 @@ def test_a_cache_folder_without_weights_is_written_again(tmp_path, monkeypatch):
     assert modeling.materialise_gguf(gguf) == partial
     assert written == [partial]
     assert modeling.materialise_gguf(gguf) == partial and written == [partial]  # complete now: reused
+
+
+def test_a_gguf_validated_for_many_runs_is_read_once_per_version(tmp_path, monkeypatch):
+    """A comparison validates each run's recipe (43 for compare_samsum) against the same GGUF; reading
+    it each time cost about 10 s a read with SmolLM2 and kept an H200 idle for minutes."""
+    import gguf
+
+    monkeypatch.setenv("PEFTBENCH_CACHE", str(tmp_path / "cache"))
+    reads = []
+
+    class CountingReader:
+        def __init__(self, path):
+            reads.append(path)
+            self.tensors = []
+
+    monkeypatch.setattr(gguf, "GGUFReader", CountingReader)
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF" + bytes(60))
+    assert [modeling.local_model_problem(model) for _ in range(43)] == [None] * 43
+    assert reads == [str(model)]
+    model.write_bytes(b"GGUF" + bytes(61))  # a new version of the file is read again
+    assert modeling.local_model_problem(model) is None and len(reads) == 2
+    model.write_bytes(b"text" + bytes(61))
+    assert "is not a GGUF file" in modeling.local_model_problem(model)
