@@ -212,7 +212,8 @@ def _cmd_smoke(args) -> int:
     from peftbench.smoke import run_smoke_command
 
     return run_smoke_command(args.gguf, data=args.data, n=args.n, hf_predictions=args.hf_predictions,
-                             margin=args.margin, recipe=args.recipe, output=args.output, parallel=args.parallel)
+                             margin=args.margin, recipe=args.recipe, output=args.output, parallel=args.parallel,
+                             workers=args.workers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -304,8 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     smoke.add_argument("--recipe", metavar="RECIPE_OR_RUN_DIR",
                        help="take the prompt and max_new_tokens from this recipe or run directory (default: recipe defaults)")
     smoke.add_argument("-o", "--output", metavar="FILE", help="write the answers and per-answer checks as JSON Lines")
-    smoke.add_argument("--parallel", type=int, default=8, metavar="P",
-                       help="sequences llama.cpp decodes in one batch (default 8; 1 answers one at a time)")
+    smoke.add_argument("--workers", type=int, metavar="W",
+                       help="llama.cpp processes answering side by side (default: one per core, within half the free memory)")
+    smoke.add_argument("--parallel", type=int, default=1, metavar="P",
+                       help="sequences each worker decodes in one llama.cpp batch (default 1, one at a time: "
+                            "batched answers can differ from one-at-a-time ones)")
     smoke.set_defaults(func=_cmd_smoke)
 
     doctor = sub.add_parser("doctor", help="check Python, torch/CUDA, GPU, bf16, bitsandbytes 4-bit, llama.cpp, disk",

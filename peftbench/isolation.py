@@ -57,31 +57,54 @@ def run_isolated(target: Callable, *args, what: str, fix: str, progress: Callabl
     ``target`` must be a module-level function (the child imports it) whose arguments and result
     pickle. Its ``progress(n)`` calls reach ``progress`` here. A PeftbenchError in the child is raised
     again here; a signal or any other death raises ``NativeCrash`` naming ``what`` and ``fix``."""
+    return run_isolated_side_by_side(target, [args], what=what, fix=fix, progress=progress, **kwargs)[0]
+
+
+def run_isolated_side_by_side(target: Callable, arg_lists: list[tuple], *, what: str, fix: str,
+                              progress: Callable[[int], None] | None = None, **kwargs) -> list[Any]:
+    """``run_isolated`` for several argument tuples at once, one child process each, all running
+    together; their return values in the same order. The first child to fail (an error, a signal)
+    stops the others, and its failure is raised here."""
+    from multiprocessing.connection import wait
+
     context = multiprocessing.get_context("spawn")
-    reader, writer = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(target, args, kwargs, writer), daemon=True)
-    process.start()
-    writer.close()  # the child holds the only writing end: its death shows here as end of file
+    children = []  # (process, reader)
+    finished = False
     try:
-        while True:
-            try:
-                kind, payload = reader.recv()
-            except EOFError:
-                process.join()
-                raise NativeCrash(f"{what} {describe_exit(process.exitcode)} (a crash in native code).", fix) from None
-            if kind == "progress":
-                if progress is not None:
-                    progress(payload)
-            elif kind == "result":
-                return payload
-            elif kind == "error":
-                problem, error_fix = payload
-                raise PeftbenchError(problem, error_fix)
-            else:
-                raise NativeCrash(f"{what} failed: {payload.splitlines()[0]}", fix)
+        for args in arg_lists:
+            reader, writer = context.Pipe(duplex=False)
+            process = context.Process(target=_child, args=(target, args, kwargs, writer), daemon=True)
+            process.start()
+            writer.close()  # the child holds the only writing end: its death shows here as end of file
+            children.append((process, reader))
+        results: dict[int, Any] = {}
+        readers = {reader: index for index, (_, reader) in enumerate(children)}
+        while len(results) < len(children):
+            for reader in wait([r for r, index in readers.items() if index not in results]):
+                index = readers[reader]
+                process = children[index][0]
+                try:
+                    kind, payload = reader.recv()
+                except EOFError:
+                    process.join()
+                    raise NativeCrash(f"{what} {describe_exit(process.exitcode)} (a crash in native code).", fix) from None
+                if kind == "progress":
+                    if progress is not None:
+                        progress(payload)
+                elif kind == "result":
+                    results[index] = payload
+                elif kind == "error":
+                    problem, error_fix = payload
+                    raise PeftbenchError(problem, error_fix)
+                else:
+                    raise NativeCrash(f"{what} failed: {payload.splitlines()[0]}", fix)
+        finished = True
+        return [results[index] for index in range(len(children))]
     finally:
-        reader.close()
-        process.join(timeout=5)
-        if process.is_alive():  # interrupted (Ctrl-C) or an error here: do not leave it running
-            process.kill()
+        for process, reader in children:
+            reader.close()
+            if finished:
+                process.join(timeout=5)
+            if process.is_alive():  # interrupted (Ctrl-C), an error here or in a sibling: do not leave it running
+                process.kill()
             process.join()

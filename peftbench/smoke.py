@@ -232,9 +232,40 @@ class Answer:
     tokens: int  # tokens generated before end-of-turn (or the budget)
 
 
-def summarise(llm, tokenizer: GgufTokenizer, prompt, dialogue: str, max_new_tokens: int, ident: str = "") -> Answer:
-    """Greedy answer to one dialogue, built and cut exactly as peftbench.pipeline.evaluation does for HF."""
+def template_prefix(tokenizer: GgufTokenizer, prompt) -> list[int]:
+    """The prompt tokens every dialogue shares (system prompt, instruction, turn headers before the
+    dialogue): the common start of two prompts whose dialogues differ from their first character."""
+    a, b = (encode_prompt(tokenizer, prompt, text) for text in ("A: hi", "B: hi"))
+    n = 0
+    while n < min(len(a), len(b)) and a[n] == b[n]:
+        n += 1
+    return a[:n]
+
+
+def keep_only_prefix(llm, prefix: list[int]) -> None:
+    """Leave exactly ``prefix`` in ``llm``'s KV cache, computed on its own, for the next ``generate``.
+
+    llama-cpp-python 0.3.36's Llama.generate keeps the longest prefix the new prompt shares with
+    whatever was decoded before. That part's keys and values were computed inside the previous prompt's
+    batch, and llama.cpp's CPU kernels round a row differently in a different batch, so an answer
+    depended on which dialogue came before it: 1 and 2 smoke workers (each taking every other
+    dialogue) gave different answers on SAMSum validation. Reusing only the template's tokens, always
+    decoded alone, makes each answer a function of its own prompt, and still saves their share of
+    every prompt (31 of ~190 tokens for SmolLM2)."""
+    if prefix and llm.n_tokens >= len(prefix) and list(llm.input_ids[: len(prefix)]) == prefix:
+        llm.n_tokens = len(prefix)  # generate() drops the KV cells past n_tokens
+        return
+    llm.reset()
+    if prefix:
+        llm.eval(prefix)
+
+
+def summarise(llm, tokenizer: GgufTokenizer, prompt, dialogue: str, max_new_tokens: int, ident: str = "",
+              prefix: list[int] | None = None) -> Answer:
+    """Greedy answer to one dialogue, built and cut exactly as peftbench.pipeline.evaluation does for HF.
+    ``prefix``: the template's shared tokens (``template_prefix``), decoded once and reused."""
     prompt_ids = encode_prompt(tokenizer, prompt, dialogue)
+    keep_only_prefix(llm, prefix or [])
     generated: list[int] = []
     ended = False
     budget = STOP_BUDGET_FACTOR * max_new_tokens
@@ -321,11 +352,12 @@ def _some(ids: list[str], shown: int = 3) -> str:
     return ", ".join(ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
 
 
-# Sequences llama.cpp decodes together in the smoke test: each generation step reads the weights once
-# for all of them. On 2 cores with SmolLM2-135M Q4_K_M, 8 were 1.18-1.22x as fast as one at a time and
-# 16 1.32x (benchmarks/bench_smoke.py; prompts, decoded one by one, are most of the time there); 8
-# changed fewer answers than 16 (README, "Train on a GPU, export on a laptop").
-SMOKE_PARALLEL = 8
+# Sequences llama.cpp decodes together in one batch, per worker. One at a time is the default: on 2
+# cores (AMD EPYC) with the full-epoch QLoRA Q4_K_M, 8 sequences in one batch took 817 s for the 818
+# SAMSum validation dialogues against 697 s one at a time, and changed 114 of the 818 answers (the CPU
+# kernels round differently for different batch sizes). Worker processes (``smoke_workers``) are the
+# faster way to use every core and keep every answer (benchmarks/bench_smoke.py, README).
+SMOKE_PARALLEL = 1
 
 
 def cpu_threads() -> int:
@@ -337,24 +369,44 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
+def smoke_workers(gguf: str | Path) -> int:
+    """Worker processes for the smoke test: one per core, each answering its share of the examples
+    one at a time with one llama.cpp thread. For a model this small a llama.cpp thread spends much of
+    each token waiting at the barriers between small operations, so separate processes do more: on 2
+    AMD EPYC cores, all 818 SAMSum validation dialogues took 505.6 s with 2 workers x 1 thread against
+    591.0 s with one process x 2 threads (1.17x, benchmarks/bench_smoke.py), with all 818 answers
+    token-for-token identical (a matrix product's rows are split between threads, never a dot product,
+    so the thread count does not change the arithmetic). Each worker holds its own copy of the
+    weights: at most half the available memory goes to them."""
+    workers = cpu_threads()
+    try:
+        import psutil  # a dependency of accelerate
+
+        fit = int(psutil.virtual_memory().available * 0.5 // max(Path(gguf).stat().st_size * 1.2, 1))
+        workers = min(workers, max(fit, 1))
+    except (ImportError, OSError):
+        pass
+    return max(workers, 1)
+
+
 def answer_examples(gguf: str, examples: list[dict], prompt, max_new_tokens: int, parallel: int = SMOKE_PARALLEL,
-                    progress=None) -> dict:
+                    progress=None, threads: int | None = None) -> dict:
     """The GGUF's answers to ``examples`` ({"answers", "generated_tokens", "decode_s", "parallel",
     "threads"}). ``parallel`` > 1 decodes that many sequences in one llama.cpp batch
-    (``answer_batched``); 1 answers one at a time through ``llm.generate`` (``summarise``). Runs
-    llama.cpp in this process: call it through ``peftbench.isolation.run_isolated`` (as
-    ``smoke_test`` does)."""
+    (``answer_batched``); 1 answers one at a time through ``llm.generate`` (``summarise``).
+    ``threads``: llama.cpp's threads (default: every core this process may use). Runs llama.cpp in
+    this process: call it through ``peftbench.isolation.run_isolated`` (as ``answer_in_workers`` does)."""
     n_ctx = prompt.max_source_tokens + STOP_BUDGET_FACTOR * max_new_tokens + 8
-    threads = cpu_threads()
+    threads = threads or cpu_threads()
     llm = load_gguf(gguf, n_ctx=n_ctx if parallel == 1 else 64, threads=threads)  # batched: its own context
     try:
         tokenizer = GgufTokenizer(llm)
         timings: dict = {}  # batched: time in prompts and in decoding steps (benchmarks/bench_smoke.py prints them)
         start = time.perf_counter()
         if parallel == 1:
-            answers = []
+            answers, prefix = [], template_prefix(tokenizer, prompt)
             for ex in examples:
-                answers.append(summarise(llm, tokenizer, prompt, ex["dialogue"], max_new_tokens, ident=str(ex["id"])))
+                answers.append(summarise(llm, tokenizer, prompt, ex["dialogue"], max_new_tokens, ident=str(ex["id"]), prefix=prefix))
                 if progress is not None:
                     progress(1)
         else:
@@ -470,21 +522,44 @@ def answer_batched(llm, tokenizer: GgufTokenizer, prompt, examples: list[dict], 
     return answers
 
 
+def answer_in_workers(gguf: str, examples: list[dict], prompt, max_new_tokens: int, *, parallel: int = SMOKE_PARALLEL,
+                      workers: int = 1, progress=None) -> dict:
+    """``answer_examples`` over ``workers`` child processes side by side, each with its share of the
+    examples (every ``workers``-th, so that long and short dialogues spread evenly) and
+    cores // workers llama.cpp threads. Answers come back in the examples' order. A native crash in
+    any worker raises NativeCrash here and stops the others (``peftbench.isolation``)."""
+    from peftbench.isolation import run_isolated_side_by_side
+
+    workers = max(1, min(workers, len(examples)))
+    threads = max(1, cpu_threads() // workers)
+    start = time.perf_counter()
+    outs = run_isolated_side_by_side(answer_examples, [(gguf, examples[i::workers], prompt, max_new_tokens, parallel)
+                                                       for i in range(workers)],
+                                     threads=threads, progress=progress, what=f"llama.cpp answering with '{Path(gguf).name}'",
+                                     fix=LLAMA_CRASH_FIX)
+    answers: list[Answer | None] = [None] * len(examples)
+    for i, out in enumerate(outs):
+        answers[i::workers] = out["answers"]
+    timings = {key: round(sum(out[key] for out in outs), 2) for key in ("prompt_s", "prompt_tokens", "step_s", "steps", "step_tokens")
+               if all(key in out for out in outs)}
+    return {"answers": answers, "generated_tokens": sum(out["generated_tokens"] for out in outs),
+            "decode_s": time.perf_counter() - start, "parallel": parallel, "workers": workers, "threads": threads, **timings}
+
+
 def smoke_test(gguf: str | Path, examples: list[dict], prompt, *, max_new_tokens: int = 64,
                hf_predictions: dict[str, str] | None = None, margin: float = 1.5, parallel: int = SMOKE_PARALLEL,
-               progress=None) -> SmokeResult:
+               workers: int | None = None, progress=None) -> SmokeResult:
     """Answer ``examples`` (dicts with id, dialogue, summary) with the GGUF and check the answers.
     ``hf_predictions`` maps example id -> the HF model's prediction, for agreement and the margin.
-    llama.cpp runs in a child process: a crash there raises NativeCrash here, the caller lives on."""
-    from peftbench.isolation import run_isolated
-
+    llama.cpp runs in child processes (``workers``, default ``smoke_workers``): a crash there raises
+    NativeCrash here, the caller lives on."""
     if not examples:
         raise PeftbenchError("no examples to run the smoke test on.", "check --data and -n.")
     require_gguf_file(gguf)
     start = time.perf_counter()
     examples = [{"id": ex["id"], "dialogue": ex["dialogue"], "summary": ex["summary"]} for ex in examples]
-    out = run_isolated(answer_examples, str(gguf), examples, prompt, max_new_tokens, parallel, progress=progress,
-                       what=f"llama.cpp answering with '{Path(gguf).name}'", fix=LLAMA_CRASH_FIX)
+    out = answer_in_workers(str(gguf), examples, prompt, max_new_tokens, parallel=parallel,
+                            workers=workers or smoke_workers(gguf), progress=progress)
     answers = out.pop("answers")
     out["tokens_per_second"] = round(out["generated_tokens"] / max(out["decode_s"], 1e-9), 1)
     out["decode_s"] = round(out["decode_s"], 2)
@@ -612,7 +687,7 @@ def prompt_settings(recipe_path: str | None):
 
 def run_smoke_command(gguf: str, *, data: str | None = None, n: int | None = None, hf_predictions: str | None = None,
                       margin: float = 1.5, recipe: str | None = None, output: str | None = None,
-                      parallel: int = SMOKE_PARALLEL) -> int:
+                      parallel: int = SMOKE_PARALLEL, workers: int | None = None) -> int:
     """`peftbench smoke`: 0 when every check passes, 1 when one fails (each failure printed)."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
@@ -622,13 +697,15 @@ def run_smoke_command(gguf: str, *, data: str | None = None, n: int | None = Non
     require_gguf_file(gguf)  # before the data loads and the progress bar starts
     if parallel < 1:
         raise PeftbenchError(f"--parallel {parallel} is not a number of sequences.", "pass 1 (one at a time) or more.")
+    if workers is not None and workers < 1:
+        raise PeftbenchError(f"--workers {workers} is not a number of processes.", "pass 1 or more (default: one per core).")
     prompt, max_new_tokens = prompt_settings(recipe)
     examples = load_examples(data, n)
     hf = read_predictions(hf_predictions) if hf_predictions else None
     with Progress(TextColumn("[bold]llama.cpp"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("gguf", total=len(examples))
         result = smoke_test(gguf, examples, prompt, max_new_tokens=max_new_tokens, hf_predictions=hf, margin=margin,
-                            parallel=parallel, progress=lambda k: bar.advance(task, k))
+                            parallel=parallel, workers=workers, progress=lambda k: bar.advance(task, k))
     if output:
         write_answers(Path(output), result)
 
@@ -643,7 +720,7 @@ def run_smoke_command(gguf: str, *, data: str | None = None, n: int | None = Non
     console.print(table)
     g = result.generation
     console.print(f"llama.cpp: {g['generated_tokens']} tokens generated in {g['decode_s']} s ({g['tokens_per_second']} tokens/s), "
-                  f"{g['parallel']} sequence(s) at once, {g['threads']} threads")
+                  f"{g['workers']} worker(s) x {g['threads']} thread(s), {g['parallel']} sequence(s) at once in each")
     ended = sum(a.ended_at_eot for a in result.answers)
     console.print(f"{ended} of {len(result.answers)} answers ended at end-of-turn; "
                   f"{sum(not a.text for a in result.answers)} empty; "

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 import torch
@@ -165,7 +166,33 @@ def test_the_child_returns_results_progress_and_user_errors():
     assert not isinstance(caught.value, NativeCrash) and caught.value.fix == "pass a .gguf file."
 
 
-def crashing_answers(*args, progress=None):
+def wait_or_crash(signum: int, progress=None):
+    if signum:
+        os.kill(os.getpid(), signum)
+    time.sleep(600)
+
+
+def test_a_crash_in_one_of_several_side_by_side_children_stops_the_others():
+    """The smoke test's workers: one dies, the error names it, and no sibling is left running."""
+    import multiprocessing
+
+    from peftbench.isolation import run_isolated_side_by_side
+
+    with pytest.raises(NativeCrash, match="killed by SIGSEGV"):
+        run_isolated_side_by_side(wait_or_crash, [(0,), (signal.SIGSEGV,), (0,)], what="llama.cpp answering", fix="f")
+    assert multiprocessing.active_children() == []
+
+
+def test_side_by_side_children_return_results_in_order_with_all_progress():
+    from peftbench.isolation import run_isolated_side_by_side
+
+    seen = []
+    assert run_isolated_side_by_side(answer, [(1,), (2,), (3,)], what="x", fix="y", progress=seen.append) == [
+        {"value": 1}, {"value": 2}, {"value": 3}]
+    assert seen == [2, 2, 2]
+
+
+def crashing_answers(*args, progress=None, **kwargs):
     os.kill(os.getpid(), signal.SIGSEGV)
 
 

