@@ -418,6 +418,11 @@ def answer_examples(gguf: str, examples: list[dict], prompt, max_new_tokens: int
             "parallel": parallel, "threads": threads, **timings}
 
 
+# What ``answer_batched`` times: seconds in prompts and in decoding steps, and what they held
+# (benchmarks/bench_smoke.py prints them; ``answer_in_workers`` sums them over workers).
+BATCH_TIMINGS = ("prompt_s", "prompt_tokens", "step_s", "steps", "step_tokens")
+
+
 def answer_batched(llm, tokenizer: GgufTokenizer, prompt, examples: list[dict], max_new_tokens: int, parallel: int,
                    threads: int, progress=None, timings: dict | None = None) -> list[Answer]:
     """Greedy answers, ``parallel`` sequences decoded together (continuous batching, as llama.cpp's
@@ -461,7 +466,7 @@ def answer_batched(llm, tokenizer: GgufTokenizer, prompt, examples: list[dict], 
     answers: list[Answer | None] = [None] * len(examples)
     pending = list(range(len(examples)))[::-1]  # popped from the end: examples in their order
     running: dict[int, dict] = {}  # seq id -> {"index", "generated", "pos", "next"}
-    clock = {"prompt_s": 0.0, "prompt_tokens": 0, "step_s": 0.0, "steps": 0, "step_tokens": 0}
+    clock = dict.fromkeys(BATCH_TIMINGS, 0)
 
     def decode(tokens: list[tuple[int, int, int, bool]]) -> None:
         """One llama_decode of (token, position, seq id, wants logits) entries."""
@@ -540,8 +545,7 @@ def answer_in_workers(gguf: str, examples: list[dict], prompt, max_new_tokens: i
     answers: list[Answer | None] = [None] * len(examples)
     for i, out in enumerate(outs):
         answers[i::workers] = out["answers"]
-    timings = {key: round(sum(out[key] for out in outs), 2) for key in ("prompt_s", "prompt_tokens", "step_s", "steps", "step_tokens")
-               if all(key in out for out in outs)}
+    timings = {key: round(sum(out[key] for out in outs), 2) for key in BATCH_TIMINGS if all(key in out for out in outs)}
     return {"answers": answers, "generated_tokens": sum(out["generated_tokens"] for out in outs),
             "decode_s": time.perf_counter() - start, "parallel": parallel, "workers": workers, "threads": threads, **timings}
 

@@ -77,7 +77,7 @@ def gguf_problem(path: Path) -> str | None:
 
 
 @functools.lru_cache(maxsize=16)
-def _gguf_problem_cached(name: str, size: int, mtime_ns: int) -> str | None:  # size and mtime key the cache
+def _gguf_problem_cached(name: str, size: int, mtime_ns: int) -> str | None:  # size and mtime key the cache; size is the file's
     path = Path(name)
     with open(path, "rb") as f:
         if f.read(4) != b"GGUF":
@@ -91,7 +91,6 @@ def _gguf_problem_cached(name: str, size: int, mtime_ns: int) -> str | None:  # 
         return None  # transformers reads it later and reports problems itself
     except Exception as e:  # a cut header shows as struct/Value/Index errors inside the reader
         return f"'{path}' is not a complete GGUF file ({type(e).__name__} while reading its header: it may be truncated)"
-    size = path.stat().st_size
     if end > size:
         return f"'{path}' is truncated: its tensors need {end:,} bytes, the file has {size:,}"
     return None
