@@ -173,7 +173,11 @@ def fake_record(name, method, *, rouge1, seed=0, failed=False, gguf=None, traina
     record["eval"]["finetuned"] = {"rouge1": rouge1, "rouge2": rouge1 / 4, "rougeL": rouge1 * 0.8, "rougeLsum": rouge1 * 0.9,
                                    "n": 60, "eval_time_s": 40.0}
     if gguf is not None:
-        record["eval"]["gguf"] = {"rouge1": gguf, "n": 60}
+        record["eval"]["gguf"] = {"rouge1": gguf, "n": 60, "quant_type": "Q4_K_M", "hf_rouge1_same_examples": rouge1,
+                                  "agreement_with_hf": {"rouge1": 80.0}, "passed": True,
+                                  "generation": {"tokens_per_second": 40.0}}
+        record["exports"]["gguf"] = {"files": {"gguf": "model-Q4_K_M.gguf"}, "sizes": {"gguf": 100 * 2**20},
+                                     "quant_type": "Q4_K_M"}
     return record
 
 
@@ -215,7 +219,11 @@ def test_table_values_best_marks_and_failed_rows(tmp_path):
     assert rows["base model (no training)"]["ROUGE-1 (Δ base)"] == "20.00"
     assert ia3["trainable params"] == "**100 (0.100%)**" and lora["trainable params"] == "2,000 (2.000%)"
     assert ia3["peak memory"] == "**1.0 GiB**" and lora["peak memory"] == "2.0 GiB"
-    assert lora["GGUF Q4_K_M ROUGE-1"] == "30.50" and ia3["GGUF Q4_K_M ROUGE-1"] == "—", "a lone value is not marked"
+    assert not any("GGUF" in column for column in lora), "one seed's GGUF is not set beside the seeds' HF means"
+    gguf = markdown.split("## GGUF exports")[1].split("## ")[0]
+    assert "| lora | — | 60 | Q4_K_M | 100.0 MiB | 30.50 | 31.20 | -0.70 | 80.00 | 40.0 | passed |" in gguf, \
+        "the GGUF against the same run's HF model on the same examples"
+    assert "| ia3 |" not in gguf, "a run without a GGUF has no row"
     assert ia3["train time"] == "**101.0 s**" and lora["non-pad tokens/s"] == "417"
     assert set(rows["prefix_tuning — **failed**"].values()) == {"prefix_tuning — **failed**", "—"}
     assert "prefix_tuning failed: RuntimeError: out of memory" in markdown
@@ -560,3 +568,16 @@ def test_side_by_side_runs_without_mps_get_one_note(tmp_path, monkeypatch, capsy
     with pytest.raises(Stop):
         compare_run.run_comparison(comparison, jobs=2)
     assert "nvidia-cuda-mps-control" not in capsys.readouterr().out
+
+
+def test_speed_columns_measured_with_different_sharing_are_pointed_out(tmp_path):
+    """Rows whose runs shared the GPU with different numbers of others get one note naming both."""
+    records = three_methods()[:2]
+    records[0]["meta_info"]["system_info"]["runs_side_by_side"] = 5
+    records[1]["meta_info"]["system_info"]["runs_side_by_side"] = 12
+    markdown = " ".join(render_markdown(load_runs([write_runs(tmp_path / "a", records)]), title="t").split())
+    assert "different numbers of runs sharing the device (5 at once: lora; 12 at once: ia3)" in markdown
+    alike = three_methods()[:2]
+    same = " ".join(render_markdown(load_runs([write_runs(tmp_path / "b", alike)]), title="t").split())
+    assert "sharing the device" not in same, "rows measured alike need no note"
+    assert "ROUGE-Lsum puts one sentence per line" in same, "the report says how ROUGE-Lsum is computed"

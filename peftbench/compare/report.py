@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Callable
 
 from peftbench.errors import PeftbenchError
-from peftbench.pipeline.evaluation import ROUGE_TYPES
+from peftbench.pipeline.evaluation import ROUGE_CONVENTION, ROUGE_TYPES
+from peftbench.pipeline.report import QUANT_COLUMNS, gguf_quantizations, quantization_rows
 from peftbench.files import atomic_write_text, human_bytes, read_json
 from peftbench.pipeline.environment import versions
 from peftbench.pipeline.record import first_non_finite
 
 ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
-DEFAULT_GGUF_TYPE = "Q4_K_M"
 
 
 # --- loading -------------------------------------------------------------------------------------
@@ -178,7 +178,7 @@ def _seed(run: Run) -> int:
 def run_metrics(record: dict) -> dict[str, float]:
     """The numbers a report compares, from one run record (missing ones left out)."""
     train, ev = record.get("train_info", {}), record.get("eval", {})
-    base, tuned, gguf = ev.get("baseline") or {}, ev.get("finetuned") or {}, ev.get("gguf") or {}
+    base, tuned = ev.get("baseline") or {}, ev.get("finetuned") or {}
     out = {
         "trainable": train.get("num_trainable_params"),
         "trainable_percent": train.get("trainable_percent"),
@@ -187,7 +187,6 @@ def run_metrics(record: dict) -> dict[str, float]:
         "tokens_per_second": train.get("tokens_per_second"),
         "peak_memory": train.get("accelerator_memory_max"),
         "eval_time": tuned.get("eval_time_s"),
-        "gguf_rouge1": gguf.get("rouge1"),
     }
     for key in ROUGE_TYPES:
         out[key] = tuned.get(key)
@@ -233,7 +232,7 @@ def _rouge_cell(key: str) -> Callable[[Group], str]:
     return cell
 
 
-def _columns(gguf_label: str | None) -> list[Column]:
+def _columns() -> list[Column]:
     cols = [
         Column("trainable params", "trainable", "min",
                lambda g: f"{g.stats['trainable'].mean:,.0f} ({g.stats['trainable_percent'].mean:.3f}%)"
@@ -242,9 +241,6 @@ def _columns(gguf_label: str | None) -> list[Column]:
                lambda s: human_bytes(s.mean)),
     ]
     cols += [Column(f"{ROUGE_NAMES[k]} (Δ base)", k, "max", _rouge_cell(k), _num(".2f")) for k in ROUGE_TYPES]
-    if gguf_label:
-        cols.append(Column(f"GGUF {gguf_label} ROUGE-1", "gguf_rouge1", "max",
-                           lambda g: _spread(g.stats["gguf_rouge1"], ".2f"), _num(".2f")))
     cols += [
         Column("train time", "train_time", "min", lambda g: _spread(g.stats["train_time"], ".1f") + " s", _num(".1f")),
         Column("non-pad tokens/s", "tokens_per_second", "max", lambda g: _spread(g.stats["tokens_per_second"], ",.0f"),
@@ -254,12 +250,6 @@ def _columns(gguf_label: str | None) -> list[Column]:
         Column("eval time", "eval_time", "min", lambda g: _spread(g.stats["eval_time"], ".1f") + " s", _num(".1f")),
     ]
     return cols
-
-
-def _gguf_label(runs: list[Run]) -> str | None:
-    """The quantisation type of the GGUF scores (the gguf exporter records it), if any run has them."""
-    types = {str(gguf.get("quant_type") or DEFAULT_GGUF_TYPE) for run in runs if (gguf := run.record.get("eval", {}).get("gguf"))}
-    return "/".join(sorted(types)) if types else None
 
 
 def _table(groups: list[Group], columns: list[Column]) -> list[str]:
@@ -446,6 +436,22 @@ def _environment(runs: list[Run]) -> list[str]:
     return lines
 
 
+def _gguf_exports(runs: list[Run]) -> list[str]:
+    """One row per run and GGUF type, the columns of a run's own quantisation table."""
+    rows = []
+    for run in runs:
+        after = (run.record["run_info"].get("exports_after_run") or [{}])[-1]
+        merge_into = after.get("merge_into") or ((run.record["run_info"].get("recipe") or {}).get("method") or {}).get("merge_into")
+        examples = next((q["smoke"]["n"] for q in gguf_quantizations(run.record) if q.get("smoke")), None)
+        for row in quantization_rows(run.record):
+            rows.append([run.name, merge_into or "—", str(examples or "—"), *row])
+    if not rows:
+        return []
+    header = ["run", "merged into", "examples", *QUANT_COLUMNS]
+    return (["| " + " | ".join(header) + " |", "| --- | --- | " + " | ".join("---:" for _ in header[2:]) + " |"]
+            + ["| " + " | ".join(row) + " |" for row in rows])
+
+
 def _notes(groups: list[Group]) -> list[str]:
     notes = set()
     for g in groups:
@@ -465,6 +471,16 @@ def _notes(groups: list[Group]) -> list[str]:
                 info = run.record["run_info"]
                 status = "failed" if info.get("status") == "failed" else f"did not finish ({info.get('status')})"
                 notes.add(f"{run.name} {status}: {info.get('error_msg') or 'no error recorded'}")
+    sharing: dict[int, list[str]] = {}
+    for g in groups:
+        counts = {(r.record.get("meta_info", {}).get("system_info") or {}).get("runs_side_by_side") or 1 for r in g.ok_runs}
+        for count in counts:
+            sharing.setdefault(count, []).append(g.label)
+    if len(sharing) > 1:
+        # Runs side by side share one GPU's time: their speed columns depend on how many shared it.
+        shared = "; ".join(f"{count} at once: {', '.join(labels)}" for count, labels in sorted(sharing.items()))
+        notes.add(f"train time, non-pad tokens/s and eval time were measured with different numbers of runs sharing "
+                  f"the device ({shared}): compare them only between rows measured alike")
     base = {round(v, 2) for g in groups for r in g.ok_runs if (v := run_metrics(r.record).get("base_rouge1")) is not None}
     if len(base) > 1:
         # Same examples, different base numbers: a 4-bit base (QLoRA) is scored as it is loaded, and
@@ -495,9 +511,17 @@ def render_markdown(runs: list[Run], *, title: str, command: str = "", plots: li
     lines += [
         "Each row is one method (mean ± standard deviation over seeds where there are several); ROUGE is the",
         "fine-tuned model's, with its change against the base model in brackets. Best value of each column in bold.",
+        ROUGE_CONVENTION,
         "",
     ]
-    lines += _table(groups, _columns(_gguf_label(runs))) + [""]
+    lines += _table(groups, _columns()) + [""]
+    gguf = _gguf_exports(runs)
+    if gguf:
+        lines += ["## GGUF exports", "",
+                  "Each exported run's GGUF files, smoke-tested with llama.cpp against that run's own HF model on the same",
+                  "examples: ROUGE-1 of both, the change, and agreement (ROUGE-1 of the GGUF's answers against the HF",
+                  "model's). The smallest file whose change stays within the smoke test's margin keeps the quality.",
+                  ""] + gguf + [""]
     if any(g.grid for g in groups) or any(len(g.ok_runs) > 1 for g in groups):
         lines += ["## Ranking by ROUGE-1", "",
                   "A configuration whose mean is closer to the best's than the two configurations' standard deviations",

@@ -19,6 +19,12 @@ from peftbench.pipeline.chat import encode_prompt, stop_token_ids
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 
+# What the reports say under their ROUGE columns (the module docstring says why).
+ROUGE_CONVENTION = ("ROUGE: rouge-score F-measures with the Porter stemmer, averaged over examples (what `evaluate`'s "
+                    "rouge gives with use_stemmer=True). ROUGE-1/2/L score each text as it is; ROUGE-Lsum puts one "
+                    "sentence per line in prediction and reference first (nltk Punkt), as the Hugging Face "
+                    "summarisation examples do.")
+
 
 def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     """Mean ROUGE F-measures in percent, plus ``n``."""

@@ -7,7 +7,7 @@ from pathlib import Path
 from rich.table import Table
 
 from peftbench.console import console
-from peftbench.pipeline.evaluation import ROUGE_TYPES
+from peftbench.pipeline.evaluation import ROUGE_CONVENTION, ROUGE_TYPES
 from peftbench.files import human_bytes
 from peftbench.pipeline.environment import versions
 
@@ -59,18 +59,39 @@ def export_lines(record: dict) -> list[str]:
 QUANT_COLUMNS = ("type", "size", "ROUGE-1", "HF ROUGE-1", "change", "agreement", "tokens/s", "smoke")
 
 
+def gguf_quantizations(record: dict) -> list[dict]:
+    """Each GGUF type the gguf exporter wrote, as ``{quant_type, size, smoke}`` with ``smoke`` the
+    exporter's summary of its smoke test (None where it did not run). The exporter lists them under
+    ``exports.gguf.quantizations`` when it wrote several types; a single type is read from
+    ``eval.gguf`` and the export's file size, so records of either kind give the same rows."""
+    gguf_export = (record.get("exports") or {}).get("gguf") or {}
+    if gguf_export.get("quantizations"):
+        return gguf_export["quantizations"]
+    scores = (record.get("eval") or {}).get("gguf")
+    if not gguf_export and not scores:
+        return []
+    smoke = None
+    if scores:
+        hf = scores.get("hf_rouge1_same_examples")
+        smoke = {"rouge1": scores["rouge1"], "n": scores.get("n"), "hf_rouge1": hf,
+                 "delta_rouge1": round(scores["rouge1"] - hf, 2) if hf is not None else None,
+                 "agreement_rouge1": (scores.get("agreement_with_hf") or {}).get("rouge1"),
+                 "tokens_per_second": (scores.get("generation") or {}).get("tokens_per_second"),
+                 "passed": scores.get("passed")}
+    quant_type = (scores or {}).get("quant_type") or gguf_export.get("quant_type")
+    return [{"quant_type": quant_type, "size": (gguf_export.get("sizes") or {}).get("gguf"), "smoke": smoke}]
+
+
 def quantization_rows(record: dict) -> list[list[str]]:
-    """One row per quantisation type the gguf exporter compared (``quant_type: [Q4_K_M, Q8_0, ...]``):
-    file size, the smoke test's ROUGE-1 against the references, the HF model's on the same examples,
-    the difference, agreement (ROUGE-1 of the GGUF's answers against the HF model's) and llama.cpp's
-    generated tokens/s. Empty when one type was exported."""
-    quantizations = ((record.get("exports") or {}).get("gguf") or {}).get("quantizations") or []
+    """One row per GGUF type (``gguf_quantizations``): file size, the smoke test's ROUGE-1 against
+    the references, the HF model's on the same examples, the difference, agreement (ROUGE-1 of the
+    GGUF's answers against the HF model's) and llama.cpp's generated tokens/s."""
     rows = []
-    for q in quantizations:
+    for q in gguf_quantizations(record):
         smoke = q.get("smoke") or {}
-        rows.append([q["quant_type"], human_bytes(q.get("size")), _num(smoke.get("rouge1")), _num(smoke.get("hf_rouge1")),
-                     _num(smoke.get("delta_rouge1"), "+.2f"), _num(smoke.get("agreement_rouge1")),
-                     _num(smoke.get("tokens_per_second"), ".1f"),
+        rows.append([str(q.get("quant_type") or "?"), human_bytes(q.get("size")), _num(smoke.get("rouge1")),
+                     _num(smoke.get("hf_rouge1")), _num(smoke.get("delta_rouge1"), "+.2f"),
+                     _num(smoke.get("agreement_rouge1")), _num(smoke.get("tokens_per_second"), ".1f"),
                      "not run" if not smoke else "passed" if smoke.get("passed") else "failed"])
     return rows
 
@@ -81,9 +102,9 @@ def _num(x, spec: str = ".2f") -> str:
 
 def quantization_lines(record: dict) -> list[str]:
     rows = quantization_rows(record)
-    if not rows:
+    if len(rows) < 2:  # one type: export_lines' sentence says it all
         return []
-    n = next((q["smoke"]["n"] for q in record["exports"]["gguf"]["quantizations"] if q.get("smoke")), None)
+    n = next((q["smoke"]["n"] for q in gguf_quantizations(record) if q.get("smoke")), None)
     lines = ["", f"Quantisation types compared (llama.cpp smoke test on {n or 'no'} examples; pick the smallest file "
                  "that keeps the quality):", "", "| " + " | ".join(QUANT_COLUMNS) + " |",
              "| --- | " + " | ".join("---:" for _ in QUANT_COLUMNS[1:]) + " |"]
@@ -92,7 +113,7 @@ def quantization_lines(record: dict) -> list[str]:
 
 def print_quantization_table(record: dict) -> None:
     rows = quantization_rows(record)
-    if not rows:
+    if len(rows) < 2:
         return
     table = Table(title="GGUF quantisation types (smoke test against the fine-tuned HF model)")
     for col in QUANT_COLUMNS:
@@ -115,6 +136,7 @@ def render_run_report(record: dict) -> str:
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [f"| {label} | " + " | ".join(vals) + " |" for label, vals in rouge_rows(record)]
+    lines += ["", ROUGE_CONVENTION]
     lines += export_lines(record)
     lines += quantization_lines(record)
     lines += [
