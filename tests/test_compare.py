@@ -221,7 +221,7 @@ def test_table_values_best_marks_and_failed_rows(tmp_path):
     assert ia3["peak memory"] == "**1.0 GiB**" and lora["peak memory"] == "2.0 GiB"
     assert not any("GGUF" in column for column in lora), "one seed's GGUF is not set beside the seeds' HF means"
     gguf = markdown.split("## GGUF exports")[1].split("## ")[0]
-    assert "| lora | — | 60 | Q4_K_M | 100.0 MiB | 30.50 | 31.20 | -0.70 | 80.00 | 40.0 | passed |" in gguf, \
+    assert "| lora | in the run | — | 60 | Q4_K_M | 100.0 MiB | 30.50 | 31.20 | -0.70 | 80.00 | 40.0 | passed |" in gguf, \
         "the GGUF against the same run's HF model on the same examples"
     assert "| ia3 |" not in gguf, "a run without a GGUF has no row"
     assert ia3["train time"] == "**101.0 s**" and lora["non-pad tokens/s"] == "417"

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from peftbench.cli import main
+from peftbench.pipeline.environment import cpu_description
 from peftbench.files import read_json
 from peftbench.testing import read_jsonl, tiny_recipe
 from peftbench.testing.tiny import SCRIPTED_WORD, build_scripted_model
@@ -94,6 +95,7 @@ def test_export_of_a_finished_16_bit_run(lora_run, tmp_path, monkeypatch, capsys
     assert stages["export:gguf"]["status"] == stages["export:ollama"]["status"] == "success"
     (entry,) = after["run_info"]["exports_after_run"]
     assert [e["name"] for e in entry["exporters"]] == ["gguf", "ollama"] and entry["exporters"][0]["quant_type"] == ["Q4_K_M", "Q8_0"]
+    assert entry["device"] == "cpu" and entry["cpu"] == cpu_description(), "where the export's figures were measured"
 
     gguf = after["exports"]["gguf"]
     for label in ("gguf", "gguf_Q8_0", "gguf_f16"):

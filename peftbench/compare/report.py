@@ -427,7 +427,8 @@ def _environment(runs: list[Run]) -> list[str]:
         sysinfo = meta.get("system_info", {})
         device = sysinfo.get("accelerator") or sysinfo.get("device", "?")
         side = f", {sysinfo['runs_side_by_side']} runs side by side" if sysinfo.get("runs_side_by_side") else ""
-        text = (f"{device} ({sysinfo.get('compute_dtype', '?')}{side}, {sysinfo.get('cpu_count', '?')} CPU cores, "
+        cpu = sysinfo.get("cpu") or f"{sysinfo.get('cpu_count', '?')} CPU cores"  # older records: the count only
+        text = (f"{device} ({sysinfo.get('compute_dtype', '?')}{side}, {cpu}, "
                 f"{sysinfo.get('system', '?')} {sysinfo.get('machine', '')}".rstrip() + "), Python "
                 f"{sysinfo.get('python', '?')}; " + ", ".join(f"{k} {v}" for k, v in versions(meta.get("package_info", {})).items()))
         described.setdefault(text, []).append(run.name)
@@ -444,10 +445,11 @@ def _gguf_exports(runs: list[Run]) -> list[str]:
         merge_into = after.get("merge_into") or ((run.record["run_info"].get("recipe") or {}).get("method") or {}).get("merge_into")
         examples = next((q["smoke"]["n"] for q in gguf_quantizations(run.record) if q.get("smoke")), None)
         for row in quantization_rows(run.record):
-            rows.append([run.name, merge_into or "—", str(examples or "—"), *row])
+            where = "in the run" if not after else after.get("device", "?") + (f": {after['cpu']}" if after.get("cpu") else "")
+            rows.append([run.name, where, merge_into or "—", str(examples or "—"), *row])
     if not rows:
         return []
-    header = ["run", "merged into", "examples", *QUANT_COLUMNS]
+    header = ["run", "exported on", "merged into", "examples", *QUANT_COLUMNS]
     return (["| " + " | ".join(header) + " |", "| --- | --- | " + " | ".join("---:" for _ in header[2:]) + " |"]
             + ["| " + " | ".join(row) + " |" for row in rows])
 
@@ -520,7 +522,7 @@ def render_markdown(runs: list[Run], *, title: str, command: str = "", plots: li
         lines += ["## GGUF exports", "",
                   "Each exported run's GGUF files, smoke-tested with llama.cpp against that run's own HF model on the same",
                   "examples: ROUGE-1 of both, the change, and agreement (ROUGE-1 of the GGUF's answers against the HF",
-                  "model's). The smallest file whose change stays within the smoke test's margin keeps the quality.",
+                  "model's). The smoke test fails a file more than `gguf.margin` (default 1.5) ROUGE-1 below its HF model.",
                   ""] + gguf + [""]
     if any(g.grid for g in groups) or any(len(g.ok_runs) > 1 for g in groups):
         lines += ["## Ranking by ROUGE-1", "",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import platform
 from importlib import metadata
+from pathlib import Path
 
 PACKAGES = ("peftbench", "torch", "transformers", "peft", "accelerate", "datasets", "bitsandbytes",
             "rouge-score", "gguf", "llama-cpp-python")
@@ -26,6 +27,33 @@ def versions(package_info: dict) -> dict[str, str]:
     return {k.removesuffix("-version"): v for k, v in package_info.items() if v and not k.endswith("-commit-hash")}
 
 
+def _cpuinfo_field(name: str) -> str:
+    """A field of the first CPU in Linux's /proc/cpuinfo; empty where it cannot be read."""
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return ""
+    line = next((x for x in text.splitlines() if x.split(":")[0].strip() == name), "")
+    return line.partition(":")[2].strip()
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags; empty where they cannot be read."""
+    return set(_cpuinfo_field("flags").split())
+
+
+# The instruction sets that changed what worked (AMX/AVX-512 crashed a native llama.cpp build and
+# trained nothing in bf16 on the CPU) and so belong beside any figure measured on a CPU.
+NOTABLE_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
+
+
+def cpu_description() -> str:
+    """e.g. 'AMD EPYC, 2 cores (avx2)': where a figure was measured, in a report's words."""
+    name = _cpuinfo_field("model name") or platform.processor() or platform.machine()
+    flags = [f for f in NOTABLE_CPU_FLAGS if f in cpu_flags()]
+    return f"{name}, {os.cpu_count()} cores" + (f" ({', '.join(flags)})" if flags else "")
+
+
 def system_info(policy) -> dict:
     import torch
 
@@ -35,6 +63,7 @@ def system_info(policy) -> dict:
         "machine": platform.machine(),
         "python": platform.python_version(),
         "cpu_count": os.cpu_count(),
+        "cpu": cpu_description(),
         "device": policy.device,
         "compute_dtype": policy.dtype_name,
         "accelerator": None,

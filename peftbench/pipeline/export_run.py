@@ -25,6 +25,7 @@ import yaml
 from peftbench.console import console
 from peftbench.errors import PeftbenchError
 from peftbench.files import atomic_directory, atomic_write_text, read_json
+from peftbench.pipeline.environment import cpu_description
 
 EXPORT_TARGETS = ("merged", "gguf", "ollama")
 # Recipe keys that say where things are on this machine, not what was trained: an export on another
@@ -154,6 +155,7 @@ def export_run(run_dir: str | Path, *, to: list[str] = ("gguf",), quant_types: l
         record.data["run_info"].setdefault("exports_after_run", []).append({
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
             "exporters": recipe.resolved_dict()["exporters"], "device": policy.device,
+            "cpu": cpu_description(),
             **({"merge_into": recipe.method_options.merge_into} if hasattr(recipe.method_options, "merge_into") else {}),
             "smoke_examples": len(examples),
             "stages": {f"export:{p.name}": record.data["run_info"]["stages"][f"export:{p.name}"]["status"]
