@@ -450,7 +450,7 @@ def _gguf_exports(runs: list[Run]) -> list[str]:
     if not rows:
         return []
     header = ["run", "exported on", "merged into", "examples", *QUANT_COLUMNS]
-    return (["| " + " | ".join(header) + " |", "| --- | --- | " + " | ".join("---:" for _ in header[2:]) + " |"]
+    return (["| " + " | ".join(header) + " |", "| --- | --- | --- | " + " | ".join("---:" for _ in header[3:]) + " |"]
             + ["| " + " | ".join(row) + " |" for row in rows])
 
 
