@@ -581,3 +581,12 @@ def test_speed_columns_measured_with_different_sharing_are_pointed_out(tmp_path)
     same = " ".join(render_markdown(load_runs([write_runs(tmp_path / "b", alike)]), title="t").split())
     assert "sharing the device" not in same, "rows measured alike need no note"
     assert "ROUGE-Lsum puts one sentence per line" in same, "the report says how ROUGE-Lsum is computed"
+
+
+def test_merge_target_is_shown_only_for_a_4_bit_base(tmp_path):
+    """merge_into chooses the weights of a 4-bit base; IA3 on a 16-bit base has the option but it did not act."""
+    records = [fake_record("qlora", "qlora", rouge1=30.0, gguf=29.5), fake_record("ia3", "ia3", rouge1=28.0, gguf=27.9)]
+    records[0]["run_info"]["recipe"]["method"]["merge_into"] = "nf4_roundtrip"
+    records[1]["run_info"]["recipe"]["method"].update(load_in_4bit=False, merge_into="nf4_roundtrip")
+    gguf = render_markdown(load_runs([write_runs(tmp_path / "runs", records)]), title="t").split("## GGUF exports")[1]
+    assert "| qlora | in the run | nf4_roundtrip |" in gguf and "| ia3 | in the run | — |" in gguf

@@ -442,7 +442,10 @@ def _gguf_exports(runs: list[Run]) -> list[str]:
     rows = []
     for run in runs:
         after = (run.record["run_info"].get("exports_after_run") or [{}])[-1]
-        merge_into = after.get("merge_into") or ((run.record["run_info"].get("recipe") or {}).get("method") or {}).get("merge_into")
+        method = (run.record["run_info"].get("recipe") or {}).get("method") or {}
+        merge_into = after.get("merge_into") or method.get("merge_into")
+        if method.get("load_in_4bit") is False:  # a 16-bit base: merge_into did not apply (exports before 2026-12-04 recorded it)
+            merge_into = None
         examples = next((q["smoke"]["n"] for q in gguf_quantizations(run.record) if q.get("smoke")), None)
         for row in quantization_rows(run.record):
             where = "in the run" if not after else after.get("device", "?") + (f": {after['cpu']}" if after.get("cpu") else "")

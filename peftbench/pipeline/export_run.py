@@ -152,11 +152,14 @@ def export_run(run_dir: str | Path, *, to: list[str] = ("gguf",), quant_types: l
         with console.status("loading the base model with the run's adapter"):
             ctx.model = recipe.method.load(ctx.load_base_model(), ctx.adapter_dir, recipe.method_options)
         export(RunState(recipe=recipe, ctx=ctx, record=record, processes=None))
+        # merge_into only means something where the adapter was trained on a 4-bit base (qlora; ia3 with load_in_4bit)
+        trained_on_4bit_base = (hasattr(recipe.method_options, "merge_into")
+                                and recipe.method.quantization_config(recipe.method_options, policy) is not None)
         record.data["run_info"].setdefault("exports_after_run", []).append({
             "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
             "exporters": recipe.resolved_dict()["exporters"], "device": policy.device,
             "cpu": cpu_description(),
-            **({"merge_into": recipe.method_options.merge_into} if hasattr(recipe.method_options, "merge_into") else {}),
+            **({"merge_into": recipe.method_options.merge_into} if trained_on_4bit_base else {}),
             "smoke_examples": len(examples),
             "stages": {f"export:{p.name}": record.data["run_info"]["stages"][f"export:{p.name}"]["status"]
                        for p, _ in recipe.exporters},
