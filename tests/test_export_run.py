@@ -105,6 +105,7 @@ def test_export_of_a_finished_16_bit_run(lora_run, tmp_path, monkeypatch, capsys
     assert (q4["quant_type"], q8["quant_type"]) == ("Q4_K_M", "Q8_0") and q4["size"] < q8["size"] < gguf["sizes"]["gguf_f16"]
     for q in (q4, q8):  # the scripted answers survive every type: full agreement with the HF model
         assert q["smoke"]["passed"] and q["smoke"]["agreement_rouge1"] == 100.0 and q["smoke"]["delta_rouge1"] == 0.0
+        assert q["smoke"]["delta_rouge1_se"] == 0.0, "same answers on every example: no spread in the change"
         assert q["smoke"]["n"] == 4 and q["smoke"]["tokens_per_second"] > 0
     assert after["eval"]["gguf"]["quant_type"] == "Q4_K_M" and after["eval"]["gguf"]["generation"]["workers"] >= 1
     assert {r["prediction"] for r in read_jsonl(lora_run / "predictions_gguf_Q8_0.jsonl")} == {SCRIPTED_WORD}

@@ -1,6 +1,6 @@
 from rouge_score import rouge_scorer
 
-from peftbench.pipeline.evaluation import ROUGE_TYPES, rouge
+from peftbench.pipeline.evaluation import ROUGE_TYPES, paired_rouge1_change, rouge
 
 PREDICTIONS = ["Anna will meet Tom at the station at 6 pm.", "The cats were sleeping.", "Ben lost his keys again"]
 REFERENCES = ["Tom will pick Anna up from the station at 6.", "The cat is sleeping on the sofa.", "Ben has lost his keys."]
@@ -36,6 +36,15 @@ def test_rouge_lsum_scores_sentences_as_the_hf_summarisation_examples_do():
     by_line = scorer.score(reference.replace(". ", ".\n"), prediction.replace(". ", ".\n"))["rougeLsum"].fmeasure
     assert scores["rougeLsum"] == round(100 * by_line, 4) == 100.0
     assert scores["rougeL"] < 60
+
+
+def test_paired_change_is_the_mean_per_example_difference_with_its_standard_error():
+    """One example unchanged (0), one from 2 of 3 words to 3 of 3 (+33.33): mean 16.67, stdev 23.57 / sqrt(2)."""
+    references = ["the cat sat", "a dog ran"]
+    change = paired_rouge1_change(["the cat sat", "a dog ran"], ["the cat sat", "a cat ran"], references)
+    assert change["n"] == 2 and abs(change["change"] - 100 / 6) < 1e-3 and abs(change["standard_error"] - 100 / 6) < 1e-3
+    mean_gap = rouge(["the cat sat", "a dog ran"], references)["rouge1"] - rouge(["the cat sat", "a cat ran"], references)["rouge1"]
+    assert abs(change["change"] - mean_gap) < 1e-3, "the mean change is the difference of the two ROUGE-1 scores"
 
 
 def test_auto_generation_batch_is_16_on_the_cpu_and_sized_by_memory_on_a_gpu(monkeypatch):

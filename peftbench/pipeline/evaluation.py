@@ -47,6 +47,22 @@ def rouge(predictions: list[str], references: list[str]) -> dict[str, float]:
     return out
 
 
+def paired_rouge1_change(predictions: list[str], baseline: list[str], references: list[str]) -> dict[str, float]:
+    """How much ``predictions`` gain over ``baseline`` in ROUGE-1 (percent) on the same examples: the mean
+    of the per-example differences and its standard error (stdev / sqrt(n)). Both answer the same
+    examples, so this error is far smaller than either score's own spread (a GGUF against its HF model:
+    0.3-0.4 points on 818 SAMSum dialogues)."""
+    import statistics
+
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1"], tokenizer=_stemming_tokenizer())
+    diffs = [100 * (scorer.score(ref, new)["rouge1"].fmeasure - scorer.score(ref, old)["rouge1"].fmeasure)
+             for new, old, ref in zip(predictions, baseline, references, strict=True)]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return {"change": round(statistics.fmean(diffs), 4), "standard_error": round(se, 4), "n": len(diffs)}
+
+
 def _stemming_tokenizer():
     """rouge-score's own tokenizer with the Porter stemmer (``use_stemmer=True``), with each word's
     stem remembered: rouge-score 0.1.2 stems every token of every text afresh, which was most of the

@@ -75,6 +75,7 @@ def gguf_quantizations(record: dict) -> list[dict]:
         hf = scores.get("hf_rouge1_same_examples")
         smoke = {"rouge1": scores["rouge1"], "n": scores.get("n"), "hf_rouge1": hf,
                  "delta_rouge1": round(scores["rouge1"] - hf, 2) if hf is not None else None,
+                 "delta_rouge1_se": (scores.get("change_vs_hf") or {}).get("standard_error"),
                  "agreement_rouge1": (scores.get("agreement_with_hf") or {}).get("rouge1"),
                  "tokens_per_second": (scores.get("generation") or {}).get("tokens_per_second"),
                  "passed": scores.get("passed")}
@@ -90,10 +91,17 @@ def quantization_rows(record: dict) -> list[list[str]]:
     for q in gguf_quantizations(record):
         smoke = q.get("smoke") or {}
         rows.append([str(q.get("quant_type") or "?"), human_bytes(q.get("size")), _num(smoke.get("rouge1")),
-                     _num(smoke.get("hf_rouge1")), _num(smoke.get("delta_rouge1"), "+.2f"),
+                     _num(smoke.get("hf_rouge1")), _change(smoke),
                      _num(smoke.get("agreement_rouge1")), _num(smoke.get("tokens_per_second"), ".1f"),
                      "not run" if not smoke else "passed" if smoke.get("passed") else "failed"])
     return rows
+
+
+def _change(smoke: dict) -> str:
+    """The GGUF's ROUGE-1 change against the HF model, ± its paired standard error where recorded
+    (smoke tests before 2026-12-04 did not record it)."""
+    se = smoke.get("delta_rouge1_se")
+    return _num(smoke.get("delta_rouge1"), "+.2f") + (f" ± {se:.2f}" if isinstance(se, (int, float)) else "")
 
 
 def _num(x, spec: str = ".2f") -> str:

@@ -373,6 +373,7 @@ def _smoke_summary(smoke: dict | None) -> dict | None:
     hf = smoke.get("hf_rouge1_same_examples")
     return {"rouge1": smoke["rouge1"], "rougeLsum": smoke["rougeLsum"], "n": smoke["n"], "hf_rouge1": hf,
             "delta_rouge1": round(smoke["rouge1"] - hf, 2) if hf is not None else None,
+            "delta_rouge1_se": (smoke.get("change_vs_hf") or {}).get("standard_error"),
             "agreement_rouge1": (smoke.get("agreement_with_hf") or {}).get("rouge1"),
             "tokens_per_second": (smoke.get("generation") or {}).get("tokens_per_second"),
             "passed": smoke["passed"], "eval_time_s": smoke["eval_time_s"]}
