@@ -341,6 +341,20 @@ class SmokeResult:
         }
 
 
+def smoke_summary(smoke: dict | None) -> dict | None:
+    """What a table of GGUF types shows of one smoke test (an ``eval.gguf`` record): the gguf exporter
+    stores it per type, reports rebuild it from ``eval.gguf`` for single-type exports."""
+    if not smoke:
+        return None
+    hf = smoke.get("hf_rouge1_same_examples")
+    return {"rouge1": smoke["rouge1"], "rougeLsum": smoke.get("rougeLsum"), "n": smoke.get("n"), "hf_rouge1": hf,
+            "delta_rouge1": round(smoke["rouge1"] - hf, 2) if hf is not None else None,
+            "delta_rouge1_se": (smoke.get("change_vs_hf") or {}).get("standard_error"),
+            "agreement_rouge1": (smoke.get("agreement_with_hf") or {}).get("rouge1"),
+            "tokens_per_second": (smoke.get("generation") or {}).get("tokens_per_second"),
+            "passed": smoke.get("passed"), "eval_time_s": smoke.get("eval_time_s")}
+
+
 def _some(ids: list[str], shown: int = 3) -> str:
     return ", ".join(ids[:shown]) + (f" and {len(ids) - shown} more" if len(ids) > shown else "")
 

@@ -10,6 +10,7 @@ from peftbench.console import console
 from peftbench.pipeline.evaluation import ROUGE_CONVENTION, ROUGE_TYPES
 from peftbench.files import human_bytes
 from peftbench.pipeline.environment import versions
+from peftbench.smoke import smoke_summary
 
 
 def rouge_rows(record: dict) -> list[tuple[str, list[str]]]:
@@ -70,17 +71,8 @@ def gguf_quantizations(record: dict) -> list[dict]:
     scores = (record.get("eval") or {}).get("gguf")
     if not gguf_export and not scores:
         return []
-    smoke = None
-    if scores:
-        hf = scores.get("hf_rouge1_same_examples")
-        smoke = {"rouge1": scores["rouge1"], "n": scores.get("n"), "hf_rouge1": hf,
-                 "delta_rouge1": round(scores["rouge1"] - hf, 2) if hf is not None else None,
-                 "delta_rouge1_se": (scores.get("change_vs_hf") or {}).get("standard_error"),
-                 "agreement_rouge1": (scores.get("agreement_with_hf") or {}).get("rouge1"),
-                 "tokens_per_second": (scores.get("generation") or {}).get("tokens_per_second"),
-                 "passed": scores.get("passed")}
     quant_type = (scores or {}).get("quant_type") or gguf_export.get("quant_type")
-    return [{"quant_type": quant_type, "size": (gguf_export.get("sizes") or {}).get("gguf"), "smoke": smoke}]
+    return [{"quant_type": quant_type, "size": (gguf_export.get("sizes") or {}).get("gguf"), "smoke": smoke_summary(scores)}]
 
 
 def quantization_rows(record: dict) -> list[list[str]]:

@@ -271,6 +271,8 @@ class GgufExporter(ExporterPlugin):
         return merged_model_bytes(ctx.model, bytes_per_param=per_param)
 
     def export(self, options: GgufOptions, ctx) -> ExportResult:
+        from peftbench.smoke import smoke_summary
+
         out_dir = ctx.exports_dir / "gguf"
         checkpoint, merge_info = merged_checkpoint(ctx)
         times = {"merge_s": merge_info["merge_s"]}  # done here or, reused, by an earlier stage of this run
@@ -298,7 +300,7 @@ class GgufExporter(ExporterPlugin):
                 info.update({k: entry[k] for k in ("fallback_tensors", "checks") if k in entry})
                 if "smoke" in entry:
                     all_scores["gguf"] = entry["smoke"]
-            quantizations.append({k: v for k, v in entry.items() if k != "smoke"} | {"smoke": _smoke_summary(entry.get("smoke"))})
+            quantizations.append({k: v for k, v in entry.items() if k != "smoke"} | {"smoke": smoke_summary(entry.get("smoke"))})
             problems += type_problems
             smoke_problems_by_type[quant_type] = type_smoke_problems
         if len(types) > 1:
@@ -364,19 +366,6 @@ class GgufExporter(ExporterPlugin):
             return [f"{quant_type}: {p}" for p in found] if key else found
 
         return entry, final, named(problems), named(smoke_problems)
-
-
-def _smoke_summary(smoke: dict | None) -> dict | None:
-    """What the comparison of quantisation types shows of one type's smoke test."""
-    if not smoke:
-        return None
-    hf = smoke.get("hf_rouge1_same_examples")
-    return {"rouge1": smoke["rouge1"], "rougeLsum": smoke["rougeLsum"], "n": smoke["n"], "hf_rouge1": hf,
-            "delta_rouge1": round(smoke["rouge1"] - hf, 2) if hf is not None else None,
-            "delta_rouge1_se": (smoke.get("change_vs_hf") or {}).get("standard_error"),
-            "agreement_rouge1": (smoke.get("agreement_with_hf") or {}).get("rouge1"),
-            "tokens_per_second": (smoke.get("generation") or {}).get("tokens_per_second"),
-            "passed": smoke["passed"], "eval_time_s": smoke["eval_time_s"]}
 
 
 @hookimpl
