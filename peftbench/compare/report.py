@@ -20,7 +20,7 @@ from typing import Callable
 
 from peftbench.errors import PeftbenchError
 from peftbench.pipeline.evaluation import ROUGE_CONVENTION, ROUGE_TYPES
-from peftbench.pipeline.report import QUANT_COLUMNS, gguf_quantizations, quantization_rows
+from peftbench.pipeline.report import QUANT_COLUMNS, gguf_quantizations, quantization_row
 from peftbench.files import atomic_write_text, human_bytes, read_json
 from peftbench.pipeline.environment import versions
 from peftbench.pipeline.record import first_non_finite
@@ -446,10 +446,10 @@ def _gguf_exports(runs: list[Run]) -> list[str]:
         merge_into = after.get("merge_into") or method.get("merge_into")
         if method.get("load_in_4bit") is False:  # a 16-bit base: merge_into did not apply (exports before 2026-12-04 recorded it)
             merge_into = None
-        examples = next((q["smoke"]["n"] for q in gguf_quantizations(run.record) if q.get("smoke")), None)
-        for row in quantization_rows(run.record):
-            where = "in the run" if not after else after.get("device", "?") + (f": {after['cpu']}" if after.get("cpu") else "")
-            rows.append([run.name, where, merge_into or "—", str(examples or "—"), *row])
+        where = "in the run" if not after else after.get("device", "?") + (f": {after['cpu']}" if after.get("cpu") else "")
+        quantizations = gguf_quantizations(run.record)
+        examples = next((q["smoke"]["n"] for q in quantizations if q.get("smoke")), None)
+        rows += [[run.name, where, merge_into or "—", str(examples or "—"), *quantization_row(q)] for q in quantizations]
     if not rows:
         return []
     header = ["run", "exported on", "merged into", "examples", *QUANT_COLUMNS]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import platform
 from importlib import metadata
@@ -27,19 +28,23 @@ def versions(package_info: dict) -> dict[str, str]:
     return {k.removesuffix("-version"): v for k, v in package_info.items() if v and not k.endswith("-commit-hash")}
 
 
-def _cpuinfo_field(name: str) -> str:
-    """A field of the first CPU in Linux's /proc/cpuinfo; empty where it cannot be read."""
+@functools.lru_cache(maxsize=1)
+def _first_cpu() -> dict[str, str]:
+    """The fields of the first CPU in Linux's /proc/cpuinfo (read once); empty where it cannot be read."""
     try:
         text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
     except OSError:
-        return ""
-    line = next((x for x in text.splitlines() if x.split(":")[0].strip() == name), "")
-    return line.partition(":")[2].strip()
+        return {}
+    fields: dict[str, str] = {}
+    for line in text.split("\n\n")[0].splitlines():
+        key, _, value = line.partition(":")
+        fields[key.strip()] = value.strip()
+    return fields
 
 
 def cpu_flags() -> set[str]:
     """The CPU's feature flags; empty where they cannot be read."""
-    return set(_cpuinfo_field("flags").split())
+    return set(_first_cpu().get("flags", "").split())
 
 
 # The instruction sets that changed what worked (AMX/AVX-512 crashed a native llama.cpp build and
@@ -49,7 +54,7 @@ NOTABLE_CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "amx_tile")
 
 def cpu_description() -> str:
     """e.g. 'AMD EPYC, 2 cores (avx2)': where a figure was measured, in a report's words."""
-    name = _cpuinfo_field("model name") or platform.processor() or platform.machine()
+    name = _first_cpu().get("model name") or platform.processor() or platform.machine()
     flags = [f for f in NOTABLE_CPU_FLAGS if f in cpu_flags()]
     return f"{name}, {os.cpu_count()} cores" + (f" ({', '.join(flags)})" if flags else "")
 

@@ -75,18 +75,19 @@ def gguf_quantizations(record: dict) -> list[dict]:
     return [{"quant_type": quant_type, "size": (gguf_export.get("sizes") or {}).get("gguf"), "smoke": smoke_summary(scores)}]
 
 
+def quantization_row(q: dict) -> list[str]:
+    """One GGUF type (an entry of ``gguf_quantizations``) as the QUANT_COLUMNS cells: file size, the smoke
+    test's ROUGE-1 against the references, the HF model's on the same examples, the difference,
+    agreement (ROUGE-1 of the GGUF's answers against the HF model's) and llama.cpp's generated tokens/s."""
+    smoke = q.get("smoke") or {}
+    return [str(q.get("quant_type") or "?"), human_bytes(q.get("size")), _num(smoke.get("rouge1")),
+            _num(smoke.get("hf_rouge1")), _change(smoke),
+            _num(smoke.get("agreement_rouge1")), _num(smoke.get("tokens_per_second"), ".1f"),
+            "not run" if not smoke else "passed" if smoke.get("passed") else "failed"]
+
+
 def quantization_rows(record: dict) -> list[list[str]]:
-    """One row per GGUF type (``gguf_quantizations``): file size, the smoke test's ROUGE-1 against
-    the references, the HF model's on the same examples, the difference, agreement (ROUGE-1 of the
-    GGUF's answers against the HF model's) and llama.cpp's generated tokens/s."""
-    rows = []
-    for q in gguf_quantizations(record):
-        smoke = q.get("smoke") or {}
-        rows.append([str(q.get("quant_type") or "?"), human_bytes(q.get("size")), _num(smoke.get("rouge1")),
-                     _num(smoke.get("hf_rouge1")), _change(smoke),
-                     _num(smoke.get("agreement_rouge1")), _num(smoke.get("tokens_per_second"), ".1f"),
-                     "not run" if not smoke else "passed" if smoke.get("passed") else "failed"])
-    return rows
+    return [quantization_row(q) for q in gguf_quantizations(record)]
 
 
 def _change(smoke: dict) -> str:
