@@ -228,6 +228,8 @@ def summarise_profile(prof, wall: float, steps: int, device: str) -> dict:
     kernel_us = sum(getattr(e, attr, 0) for e in events if device != "cuda" or e.device_type.name == "CUDA")
     table = events.table(sort_by="self_cuda_time_total" if device == "cuda" else "self_cpu_time_total",
                          row_limit=25, max_name_column_width=70)
+    if device == "cuda":  # launch-bound steps: where the host's time goes matters as much as the kernels
+        table += "\n" + events.table(sort_by="self_cpu_time_total", row_limit=25, max_name_column_width=70)
     return {
         "steps": steps,
         "wall_s": round(wall, 4),

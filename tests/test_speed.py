@@ -323,3 +323,39 @@ def test_packed_step_with_a_tokenizer_that_had_no_pad_token(tiny):
     assert bool(torch.isfinite(_grads(model)).all())
     torch.testing.assert_close(_grads(model), reference_grads, rtol=1e-4, atol=1e-7)
     model.zero_grad()
+
+
+def test_step_trainer_clips_the_step_like_the_stock_trainer_and_returns_to_training(tiny_model_dir, tiny, tmp_path):
+    """StepTrainer clips over the trainable tensors it listed once, instead of a walk over every module each
+    step: the same norm and the same clipped gradients as transformers' own _clip_grad_norm. And a step after
+    an evaluation trains (dropout on) although it no longer calls model.train() when already training."""
+    from peft import LoraConfig, TaskType, get_peft_model
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from peftbench_plugins.trainers.packing import step_trainer_class
+
+    _, tokenizer, examples = tiny
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+                           LoraConfig(task_type=TaskType.CAUSAL_LM, r=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.5))
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, max_grad_norm=0.5, report_to="none")
+    trainer = step_trainer_class()(model=model, args=args, processing_class=tokenizer)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    torch.manual_seed(1)
+    grads = [3 * torch.randn_like(p) for p in trainable]
+
+    def clipped(clip):
+        for p, g in zip(trainable, grads):
+            p.grad = g.clone()
+        return float(clip(model)), [p.grad.clone() for p in trainable]
+
+    ours, ours_grads = clipped(trainer._clip_grad_norm)
+    stock, stock_grads = clipped(lambda m: Trainer._clip_grad_norm(trainer, m))
+    assert ours == pytest.approx(stock, rel=1e-6) and ours > 0.5  # the norm before clipping, so it did clip
+    assert all(torch.equal(a, b) for a, b in zip(ours_grads, stock_grads))
+    assert float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in ours_grads]))) == pytest.approx(0.5, rel=1e-4)
+
+    model.eval()
+    batch = StepCollator(tokenizer)(examples[:2])
+    trainer.create_optimizer()
+    trainer.training_step(model, batch)
+    assert model.training and all(m.training for m in model.modules())
