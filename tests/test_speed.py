@@ -359,3 +359,25 @@ def test_step_trainer_clips_the_step_like_the_stock_trainer_and_returns_to_train
     trainer.create_optimizer()
     trainer.training_step(model, batch)
     assert model.training and all(m.training for m in model.modules())
+
+
+def test_spy_summary_keeps_kernel_launches_and_leaves_out_compiling():
+    """benchmarks/spy_summary.py: samples that launch compiled kernels (torch/_inductor/runtime) are step time and
+    stay; samples under dynamo's or inductor's compiler are left out; the backward thread is counted apart."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from spy_summary import summarise
+
+    loop = "main (b.py:1);Trainer._inner_training_loop (transformers/trainer.py:1602)"
+    raw = [
+        f"{loop};training_step (p.py:4);run (torch/_inductor/runtime/triton_heuristics.py:1495) 6",
+        f"{loop};Optimizer8bit.step (bitsandbytes/optim/optimizer.py:334) 2",
+        f"{loop};training_step (p.py:4);_compile (torch/_dynamo/convert_frame.py:900) 50",
+        "CompiledFunction.backward (torch/_functorch/_aot_autograd/runtime_wrappers.py:2748) 3",
+    ]
+    text = summarise(raw, top=10)
+    assert text.splitlines()[0].startswith("samples: 8 in the training loop, 3 in compiled backward")
+    assert "50 compiling" in text
+    assert " 75.0%  training_step p.py:4" in text and " 25.0%  Optimizer8bit.step optimizer.py:334" in text
