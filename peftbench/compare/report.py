@@ -20,7 +20,7 @@ from typing import Callable
 
 from peftbench.errors import PeftbenchError
 from peftbench.pipeline.evaluation import ROUGE_CONVENTION, ROUGE_TYPES
-from peftbench.pipeline.report import QUANT_COLUMNS, gguf_quantizations, quantization_row
+from peftbench.pipeline.report import QUANT_COLUMNS, gguf_quantizations, markdown_table, quantization_row
 from peftbench.files import atomic_write_text, human_bytes, read_json
 from peftbench.pipeline.environment import versions
 from peftbench.pipeline.record import first_non_finite
@@ -452,9 +452,7 @@ def _gguf_exports(runs: list[Run]) -> list[str]:
         rows += [[run.name, where, merge_into or "—", str(examples or "—"), *quantization_row(q)] for q in quantizations]
     if not rows:
         return []
-    header = ["run", "exported on", "merged into", "examples", *QUANT_COLUMNS]
-    return (["| " + " | ".join(header) + " |", "| --- | --- | --- | " + " | ".join("---:" for _ in header[3:]) + " |"]
-            + ["| " + " | ".join(row) + " |" for row in rows])
+    return markdown_table(["run", "exported on", "merged into", "examples", *QUANT_COLUMNS], rows, text_columns=3)
 
 
 def _notes(groups: list[Group]) -> list[str]:

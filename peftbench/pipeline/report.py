@@ -106,10 +106,16 @@ def quantization_lines(record: dict) -> list[str]:
     if len(rows) < 2:  # one type: export_lines' sentence says it all
         return []
     n = next((q["smoke"]["n"] for q in gguf_quantizations(record) if q.get("smoke")), None)
-    lines = ["", f"Quantisation types compared (llama.cpp smoke test on {n or 'no'} examples; pick the smallest file "
-                 "that keeps the quality):", "", "| " + " | ".join(QUANT_COLUMNS) + " |",
-             "| --- | " + " | ".join("---:" for _ in QUANT_COLUMNS[1:]) + " |"]
-    return lines + ["| " + " | ".join(row) + " |" for row in rows]
+    return ["", f"Quantisation types compared (llama.cpp smoke test on {n or 'no'} examples; pick the smallest file "
+                "that keeps the quality):", "", *markdown_table(QUANT_COLUMNS, rows)]
+
+
+def markdown_table(header, rows: list[list[str]], text_columns: int = 1) -> list[str]:
+    """A Markdown table's lines: the first ``text_columns`` columns left-aligned, the figures after them
+    right-aligned."""
+    return (["| " + " | ".join(header) + " |",
+             "| " + " | ".join(["---"] * text_columns + ["---:"] * (len(header) - text_columns)) + " |"]
+            + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 def print_quantization_table(record: dict) -> None:
