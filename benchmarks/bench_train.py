@@ -328,6 +328,10 @@ RUNS = {
     # launches each compiled layer's kernels one by one (42% of a compiled SmolLM2 step's host time, 2026-12-04)
     "lora_compiled_cpp": lambda **kw: _with_cpp_wrapper(run_peftbench, "lora", compile=True, **kw),
     "qlora_compiled_cpp": lambda **kw: _with_cpp_wrapper(run_peftbench, "qlora", compile=True, **kw),
+    # the trainer's cuda_graphs option (experimental): compiled layers replayed as CUDA graphs, packed rows bucketed.
+    # A whole step is one pass here (about 3,500 tokens), as cuda_graphs requires.
+    "lora_compiled_graphs": lambda **kw: run_peftbench("lora", compile=True, cuda_graphs=True, max_tokens_per_batch=None, **kw),
+    "qlora_compiled_graphs": lambda **kw: run_peftbench("qlora", compile=True, cuda_graphs=True, max_tokens_per_batch=None, **kw),
 }
 
 
@@ -534,14 +538,9 @@ def main(argv=None) -> dict:
         r = results[name]
         print(f"{name}: {r['tokens_per_s']:.0f} tok/s, loss {r['final_loss']}, "
               f"peak {r.get('peak_allocated_gib')} GiB, checkpointing {r['gradient_checkpointing']}", flush=True)
-    add_ratios(results)
-    report["same_tokens_in_every_run"] = len({r["tokens"] for r in results.values()}) == 1
-    report["runs"] = results
-    report["errors"] = errors
-    report["profiles"] = {k: {kk: vv for kk, vv in v.items() if kk != "table"} for k, v in profiles.items()}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+        # Written after every run: a later run that kills the process (a native crash, the call's time limit) keeps these.
+        out = write_report(args.out, report, results, errors, profiles)
+    out = write_report(args.out, report, results, errors, profiles)
     if args.profile_out and profiles:
         Path(args.profile_out).write_text("\n\n".join(f"== {k}: wall {v['wall_s']} s for {v['steps']} steps, device busy "
                                                       f"{v['device_busy_fraction']}\n{v['table']}" for k, v in profiles.items()))
@@ -550,6 +549,18 @@ def main(argv=None) -> dict:
     print_table(results)
     print(f"\nwrote {out}")
     return report
+
+
+def write_report(path: str, report: dict, results: dict, errors: dict, profiles: dict) -> Path:
+    add_ratios(results)
+    report["same_tokens_in_every_run"] = len({r["tokens"] for r in results.values()}) == 1
+    report["runs"] = results
+    report["errors"] = errors
+    report["profiles"] = {k: {kk: vv for kk, vv in v.items() if kk != "table"} for k, v in profiles.items()}
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return out
 
 
 def padding_fraction(lengths: list[int], batch: int) -> float:
