@@ -65,6 +65,10 @@ def parse_args(argv=None):
     p.add_argument("--out", default="benchmarks/results/bench_train.json")
     p.add_argument("--plot", default=None, help="PNG of the loss curves")
     p.add_argument("--profile-out", default=None, help="text file for the profiler tables")
+    p.add_argument("--in-process", action="store_true",
+                   help="run everything in this process (default: each run in a process of its own, see run_isolated)")
+    p.add_argument("--one-run", nargs=4, metavar=("NAME", "MODEL_DIR", "PARAMS", "PEAK_FLOPS"), help=argparse.SUPPRESS)
+    p.add_argument("--one-run-out", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -460,15 +464,16 @@ def plot_curves(results: dict, path: str, title: str) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
+    if args.one_run:
+        return one_run_main(args)
     device = "cpu" if args.small else args.device
     steps = args.steps or (8 if args.small else 30)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
+    unknown = [r for r in runs if r not in RUNS]
+    if unknown:
+        raise SystemExit(f"unknown run(s) {', '.join(unknown)}; known: {', '.join(RUNS)}")
     tokenizer = load_tokenizer(args.tokenizer)
-    data = args.data
-    if args.small and not Path(data).is_file():
-        from peftbench_plugins.datasets import BUNDLED
-
-        data = str(BUNDLED / "train.jsonl")
+    data = _data_path(args)
     LEARNING["learning_rate"] = args.learning_rate
     both = load_examples(data, tokenizer, steps * EXAMPLES_PER_STEP + args.heldout)
     dataset = both.select(range(steps * EXAMPLES_PER_STEP))
@@ -508,47 +513,105 @@ def main(argv=None) -> dict:
     print("packing check:", report["packing_check"])
     results, profiles, errors = {}, {}, {}
     for name in runs:
-        gc.collect()
-        if device == "cuda":
-            torch.cuda.empty_cache()
-        timer = step_timer(device)
-        callbacks = [timer]
-        sink: list = []
-        if args.profile and name != "baseline" and steps > TIMING_WARMUP_STEPS + PROFILED_STEPS:
-            callbacks.append(step_profiler(device, steps - PROFILED_STEPS, PROFILED_STEPS, sink))
-        start = time.perf_counter()
-        try:
-            state, info, model = RUNS[name](model_dir=model_dir, tokenizer=tokenizer, dataset=dataset, steps=steps,
-                                            device=device, seed=42, callbacks=callbacks)
-        except Exception as e:  # one broken run must not cost the others (a GPU call is scarce)
-            import traceback
-
-            traceback.print_exc()
-            errors[name] = f"{type(e).__name__}: {e}"
+        if args.in_process:
+            outcome = run_one(name, model_dir, tokenizer, dataset, heldout, steps, device, params, peak, args.profile)
+        else:
+            outcome = run_isolated(name, model_dir, params, peak, argv if argv is not None else sys.argv[1:])
+        if "error" in outcome:
+            errors[name] = outcome["error"]
+            print(f"{name}: failed: {outcome['error']}", flush=True)
             continue
-        wall = time.perf_counter() - start
-        if device == "cuda":
-            info["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
-            info["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
-        info["heldout_loss"] = round(heldout_loss(model, tokenizer, heldout, device), 4)
-        results[name] = summarise(name, state, info, timer, device, params, peak, wall)
-        if sink:
-            profiles[name] = sink[0]
-        del model, state
-        r = results[name]
+        results[name] = r = outcome["result"]
+        if outcome.get("profile"):
+            profiles[name] = outcome["profile"]
         print(f"{name}: {r['tokens_per_s']:.0f} tok/s, loss {r['final_loss']}, "
               f"peak {r.get('peak_allocated_gib')} GiB, checkpointing {r['gradient_checkpointing']}", flush=True)
-        # Written after every run: a later run that kills the process (a native crash, the call's time limit) keeps these.
+        # Written after every run: a later run that stops the script (the call's time limit) keeps these.
         out = write_report(args.out, report, results, errors, profiles)
+        write_profiles(args.profile_out, profiles)
     out = write_report(args.out, report, results, errors, profiles)
-    if args.profile_out and profiles:
-        Path(args.profile_out).write_text("\n\n".join(f"== {k}: wall {v['wall_s']} s for {v['steps']} steps, device busy "
-                                                      f"{v['device_busy_fraction']}\n{v['table']}" for k, v in profiles.items()))
+    write_profiles(args.profile_out, profiles)
     if args.plot:
         plot_curves(results, args.plot, f"{shape}, {report['device']}")
     print_table(results)
     print(f"\nwrote {out}")
     return report
+
+
+def run_one(name, model_dir, tokenizer, dataset, heldout, steps, device, params, peak, profile) -> dict:
+    """Train one run and summarise it: ``{"result", "profile"}``, or ``{"error"}`` if it raised."""
+    timer = step_timer(device)
+    callbacks = [timer]
+    sink: list = []
+    if profile and name != "baseline" and steps > TIMING_WARMUP_STEPS + PROFILED_STEPS:
+        callbacks.append(step_profiler(device, steps - PROFILED_STEPS, PROFILED_STEPS, sink))
+    gc.collect()
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    start = time.perf_counter()
+    try:
+        state, info, model = RUNS[name](model_dir=model_dir, tokenizer=tokenizer, dataset=dataset, steps=steps,
+                                        device=device, seed=42, callbacks=callbacks)
+    except Exception as e:  # one broken run must not cost the others (a GPU call is scarce)
+        import traceback
+
+        traceback.print_exc()
+        return {"error": f"{type(e).__name__}: {e}"}
+    wall = time.perf_counter() - start
+    if device == "cuda":
+        info["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+        info["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 2**30, 3)
+    info["heldout_loss"] = round(heldout_loss(model, tokenizer, heldout, device), 4)
+    return {"result": summarise(name, state, info, timer, device, params, peak, wall), "profile": sink[0] if sink else None}
+
+
+def run_isolated(name: str, model_dir, params: int, peak: float, argv: list[str]) -> dict:
+    """``run_one`` in a fresh Python process (this script again, with --one-run). Three things seen
+    on an H200 on 2026-12-04 when the runs shared one process: qlora_compiled after lora_compiled
+    failed (RecursionError in bitsandbytes 0.50.2's Params4bit.__torch_function__ under torch 2.11's
+    compiled layers; it ran when it came before), a segfault in one run took the later ones with it,
+    and a run's peak memory included what earlier runs left allocated."""
+    import signal
+    import subprocess
+
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+        out = Path(tmp) / "outcome.json"
+        command = [sys.executable, "-X", "faulthandler", str(Path(__file__).resolve()), *argv,
+                   "--one-run", name, str(model_dir), str(params), repr(peak), "--one-run-out", str(out)]
+        code = subprocess.run(command).returncode
+        if out.is_file():
+            return json.loads(out.read_text(encoding="utf-8"))
+    if code < 0:
+        return {"error": f"the run's process died of {signal.Signals(-code).name} (its stack is in the log above)"}
+    return {"error": f"the run's process exited with status {code} before writing a result"}
+
+
+def one_run_main(args) -> None:
+    """The child side of run_isolated: the same data, the model the parent prepared, one run."""
+    name, model_dir, params, peak = args.one_run
+    device = "cpu" if args.small else args.device
+    steps = args.steps or (8 if args.small else 30)
+    LEARNING["learning_rate"] = args.learning_rate
+    tokenizer = load_tokenizer(args.tokenizer)
+    both = load_examples(_data_path(args), tokenizer, steps * EXAMPLES_PER_STEP + args.heldout)
+    dataset = both.select(range(steps * EXAMPLES_PER_STEP))
+    heldout = both.select(range(steps * EXAMPLES_PER_STEP, len(both)))
+    outcome = run_one(name, model_dir, tokenizer, dataset, heldout, steps, device, int(params), float(peak), args.profile)
+    Path(args.one_run_out).write_text(json.dumps(outcome), encoding="utf-8")
+
+
+def _data_path(args) -> str:
+    if args.small and not Path(args.data).is_file():
+        from peftbench_plugins.datasets import BUNDLED
+
+        return str(BUNDLED / "train.jsonl")
+    return args.data
+
+
+def write_profiles(path: str | None, profiles: dict) -> None:
+    if path and profiles:
+        Path(path).write_text("\n\n".join(f"== {k}: wall {v['wall_s']} s for {v['steps']} steps, device busy "
+                                          f"{v['device_busy_fraction']}\n{v['table']}" for k, v in profiles.items()))
 
 
 def write_report(path: str, report: dict, results: dict, errors: dict, profiles: dict) -> Path:
