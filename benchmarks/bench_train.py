@@ -328,14 +328,13 @@ RUNS = {
     "qlora_compiled": lambda **kw: run_peftbench("qlora", compile=True, **kw),
     "qlora_lean_compiled": lambda **kw: run_peftbench("qlora", memory_lean=True, compile=True, **kw),
     "lora_compiled": lambda **kw: run_peftbench("lora", compile=True, **kw),
-    # An experiment, not a trainer option yet: inductor's C++ wrapper instead of its generated Python, which
-    # launches each compiled layer's kernels one by one (42% of a compiled SmolLM2 step's host time, 2026-12-04)
+    # An experiment kept for re-measuring, not a trainer option: inductor's C++ wrapper instead of its generated Python,
+    # which launches each compiled layer's kernels (42% of a compiled SmolLM2 step's host time). Slower on an H200.
     "lora_compiled_cpp": lambda **kw: _with_cpp_wrapper(run_peftbench, "lora", compile=True, **kw),
     "qlora_compiled_cpp": lambda **kw: _with_cpp_wrapper(run_peftbench, "qlora", compile=True, **kw),
-    # the trainer's cuda_graphs option (experimental): compiled layers replayed as CUDA graphs, packed rows bucketed.
-    # A whole step is one pass here (about 3,500 tokens), as cuda_graphs requires.
-    "lora_compiled_graphs": lambda **kw: run_peftbench("lora", compile=True, cuda_graphs=True, max_tokens_per_batch=None, **kw),
-    "qlora_compiled_graphs": lambda **kw: run_peftbench("qlora", compile=True, cuda_graphs=True, max_tokens_per_batch=None, **kw),
+    # Measured on an H200 on 2026-12-04: the C++ wrapper made compiled LoRA on SmolLM2 slower (31,860 against 53,872
+    # tokens/s). Tried and left out: CUDA graphs over the compiled layers (inductor's reduce-overhead mode, packed rows
+    # padded to 1024-token buckets) segfaulted in the first compiled backward (torch 2.11).
 }
 
 

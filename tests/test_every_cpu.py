@@ -62,6 +62,19 @@ def test_a_4bit_layer_packed_for_inference_is_restored_exactly_before_training()
     assert x_train.grad is not None and x_train.grad.abs().sum() > 0, "no gradient passes the 4-bit layer"
 
 
+def test_only_4bit_layers_on_the_cpu_get_the_guard():
+    """bitsandbytes packs only on the CPU; on a GPU the hook is traced by torch.compile, where it recursed
+    (bitsandbytes 0.50.2, torch 2.11). A layer elsewhere (here: on the meta device) stays unhooked."""
+    import bitsandbytes as bnb
+
+    from peftbench.pipeline.bnb_cpu import guard_4bit_layers
+
+    elsewhere = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", device="meta")
+    assert elsewhere.weight.device.type == "meta"
+    assert guard_4bit_layers(torch.nn.Sequential(elsewhere)) == 0
+    assert not elsewhere._forward_pre_hooks
+
+
 def test_qlora_run_learns_after_its_baseline_evaluation(tmp_path, write_recipe):
     """The quickstart's order (baseline evaluation, then training) on a 4-bit base. On a CPU with
     AVX-512 BF16 this is exactly what trained nothing before the fix."""

@@ -61,9 +61,8 @@ def _grads(model):
     return torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
 
 
-@pytest.mark.parametrize("pack,max_tokens,max_examples,pad_to", [(True, None, None, None), (True, 400, None, None),
-                                                                  (False, None, 3, None), (True, None, None, 96)])
-def test_step_loss_and_gradients_match_padded_transformers_loss(tiny, pack, max_tokens, max_examples, pad_to):
+@pytest.mark.parametrize("pack,max_tokens,max_examples", [(True, None, None), (True, 400, None), (False, None, 3)])
+def test_step_loss_and_gradients_match_padded_transformers_loss(tiny, pack, max_tokens, max_examples):
     from transformers import DataCollatorForSeq2Seq
 
     model, tokenizer, examples = tiny
@@ -74,14 +73,8 @@ def test_step_loss_and_gradients_match_padded_transformers_loss(tiny, pack, max_
     reference_grads = _grads(model).clone()
     model.zero_grad()
 
-    step = StepCollator(tokenizer, pack=pack, max_tokens=max_tokens, max_examples=max_examples, pad_to_multiple_of=pad_to)(examples)
+    step = StepCollator(tokenizer, pack=pack, max_tokens=max_tokens, max_examples=max_examples)(examples)
     assert len(step["passes"]) > 1 or (max_tokens is None and max_examples is None)
-    if pad_to:  # the CUDA-graph buckets: a filler sequence of its own, which changes neither loss nor gradients below
-        (one,) = step["passes"]
-        real = sum(len(e["input_ids"]) for e in examples)
-        assert one["input_ids"].shape[1] % pad_to == 0 and one["input_ids"].shape[1] > real
-        assert one["cu_seq_lens_q"][-2] == real and one["cu_seq_lens_q"][-1] == one["max_length_q"] == one["input_ids"].shape[1]
-        assert step["num_tokens"] == real
     total = 0.0
     for one in step["passes"]:
         loss = label_token_loss(model, one, step["num_label_tokens"])
@@ -127,17 +120,14 @@ def test_varlen_attention_function_matches_padded_model(tiny, monkeypatch, signa
     monkeypatch.setattr(speed, "_varlen_kernel", lambda: _reference_varlen(signature))
     padded = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX)(examples)
     step = StepCollator(tokenizer, pack=True)(examples)
-    bucketed = StepCollator(tokenizer, pack=True, pad_to_multiple_of=128)(examples)  # cuda_graphs' padded rows
     with torch.no_grad():
         reference = model(**padded).loss.item()
         with packed_attention(model, enabled=True):
             assert model.config._attn_implementation == speed.VARLEN_ATTENTION
             packed = label_token_loss(model, step["passes"][0], step["num_label_tokens"]).item()
-            packed_bucketed = label_token_loss(model, bucketed["passes"][0], bucketed["num_label_tokens"]).item()
     assert model.config._attn_implementation != speed.VARLEN_ATTENTION  # restored for generation
     # fp32 q/k/v go to the kernel in bf16 (flash has no fp32), so agreement is to bf16 rounding.
     assert packed == pytest.approx(reference, rel=2e-2)
-    assert packed_bucketed == pytest.approx(packed, rel=1e-6)  # the filler sequence is attended by nothing
 
 
 def test_compiled_layers_compute_the_same_step_and_are_undone(tiny_model_dir, tiny, monkeypatch):
@@ -185,31 +175,6 @@ def test_compile_is_planned_only_where_inductor_can_generate_kernels(tiny):
     for asked in (True, "auto"):
         plan = plan_steps(model, tokenizer, dataset, HfTrainerOptions(compile=asked), "cpu")
         assert not plan.compile and any("compile" in note and "-> off" in note for note in plan.notes)
-
-
-def test_cuda_graphs_are_planned_only_with_compiled_layers_on_one_packed_pass(tiny, monkeypatch):
-    from datasets import Dataset
-
-    import peftbench_plugins.trainers.packing as speed
-    from peftbench_plugins.trainers.hf import HfTrainerOptions
-
-    model, tokenizer, examples = tiny
-    dataset = Dataset.from_list(examples)
-    plan = plan_steps(model, tokenizer, dataset, HfTrainerOptions(compile=True, cuda_graphs=True), "cpu")
-    assert not plan.cuda_graphs and plan.collator.pad_to_multiple_of is None
-    assert any(note.startswith("cuda_graphs: true -> off") for note in plan.notes)
-    # A GPU with triton and the varlen kernel, simulated: on only while a step is one pass without checkpointing.
-    monkeypatch.setattr(speed, "compile_available", lambda device: (True, "triton found"))
-    monkeypatch.setattr(speed, "varlen_attention_available", lambda device: True)
-    monkeypatch.setattr(speed, "checkpointing_needed", lambda config, tokens, device: (False, "fits"))
-    plan = plan_steps(model, tokenizer, dataset, HfTrainerOptions(compile=True, cuda_graphs=True, max_tokens_per_batch=None), "cuda")
-    assert plan.cuda_graphs and plan.collator.pad_to_multiple_of == speed.CUDA_GRAPH_BUCKET_TOKENS
-    several = plan_steps(model, tokenizer, dataset, HfTrainerOptions(compile=True, cuda_graphs=True, max_tokens_per_batch=100), "cuda")
-    assert not several.cuda_graphs and any("several passes" in note for note in several.notes)
-    lean = plan_steps(model, tokenizer, dataset, HfTrainerOptions(compile=True, cuda_graphs=True, memory_lean=True,
-                                                                 max_tokens_per_batch=None), "cuda")
-    assert not lean.cuda_graphs
-    assert not plan_steps(model, tokenizer, dataset, HfTrainerOptions(compile=True, max_tokens_per_batch=None), "cuda").cuda_graphs
 
 
 def test_varlen_attention_refuses_a_padding_mask():

@@ -56,15 +56,20 @@ def _guard(module, args, kwargs):
 
 
 def guard_4bit_layers(model) -> int:
-    """Install the guard on every bitsandbytes ``Linear4bit`` in ``model`` (idempotent); returns how
-    many layers it guards. A model without 4-bit layers is left alone."""
+    """Install the guard on every bitsandbytes ``Linear4bit`` of ``model`` whose weight is on the CPU
+    (idempotent); returns how many layers it guards. A model without 4-bit layers is left alone.
+
+    Only CPU layers: bitsandbytes packs nothing on a GPU, and there the hook is worse than useless.
+    Traced by torch.compile (trainer.compile: true, torch 2.11), the hook's reads of the weight sent
+    bitsandbytes 0.50.2's ``Params4bit.__torch_function__`` into endless recursion (QLoRA on an H200,
+    2026-12-04: RecursionError at the first step)."""
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:
         return 0
     count = 0
     for module in model.modules():
-        if isinstance(module, Linear4bit):
+        if isinstance(module, Linear4bit) and module.weight.device.type == "cpu":
             if not getattr(module, _HOOKED, False):
                 module.register_forward_pre_hook(_guard, with_kwargs=True)
                 setattr(module, _HOOKED, True)

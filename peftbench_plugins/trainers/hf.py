@@ -34,10 +34,6 @@ class HfTrainerOptions(Options):
     compile: bool | Literal["auto"] = Field(
         False, description="torch.compile the decoder layers (fused kernels, dynamic lengths) while training: the same "
         "computation with fewer kernel launches; only on a GPU with triton, eager elsewhere; auto: wherever available")
-    cuda_graphs: bool = Field(
-        False, description="experimental, with compile on a GPU: replay the compiled layers as CUDA graphs (one launch "
-        "per layer instead of dozens); packed rows padded to bucketed lengths with tokens that nothing attends "
-        "to or learns from; needs one pass per step and no gradient checkpointing, off elsewhere with a note in run.json")
     memory_lean: bool = Field(False, description="for small GPUs: gradient checkpointing and passes of at most 2048 tokens")
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
     lr_scheduler: str = Field("linear", description="transformers scheduler name (linear, cosine, constant_with_warmup, ...)")
@@ -185,7 +181,7 @@ class HfTrainer(TrainerPlugin):
             trainer._load_from_checkpoint(checkpoint)  # the weights, in the Trainer's own format for this model
             trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
         else:
-            with packed_attention(model, plan.varlen_attention), compiled_layers(model, plan.compile, plan.cuda_graphs):
+            with packed_attention(model, plan.varlen_attention), compiled_layers(model, plan.compile):
                 trainer.train(resume_from_checkpoint=checkpoint)
         seconds = time.perf_counter() - start
         _raise_if_diverged(trainer.state.log_history)

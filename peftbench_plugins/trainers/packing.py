@@ -79,7 +79,6 @@ class StepCollator:
     pack: bool = True
     max_tokens: int | None = None
     max_examples: int | None = None
-    pad_to_multiple_of: int | None = None  # packed rows: see _pad_packed_row
 
     def __call__(self, features: list[dict]) -> dict:
         features = [{k: f[k] for k in ("input_ids", "attention_mask", "labels") if k in f} for f in features]
@@ -99,8 +98,6 @@ class StepCollator:
             # separator_id=-100 on each example's first label: the last token of one example never
             # learns to predict the first token of the next.
             batch = DataCollatorWithFlattening(return_flash_attn_kwargs=True, separator_id=IGNORE_INDEX)(features)
-            if self.pad_to_multiple_of:
-                batch = _pad_packed_row(batch, self.pad_to_multiple_of, _pad_id(self.tokenizer))
         else:
             from transformers import DataCollatorForSeq2Seq
 
@@ -112,34 +109,6 @@ class StepCollator:
         batch["logits_positions"] = positions
         batch["targets"] = targets
         return batch
-
-
-def _pad_id(tokenizer) -> int:
-    # Llama 3 and SmolLM2 GGUF tokenizers have no pad token; the id is never attended to nor learned from.
-    for token_id in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(token_id, int):
-            return token_id
-    return 0
-
-
-def _pad_packed_row(batch: dict, multiple: int, pad_id: int) -> dict:
-    """Round a packed row's length up to a multiple of ``multiple`` tokens, so that compiled shapes
-    repeat from step to step (CUDA graphs are recorded per shape, one recording per length would cost
-    more than it saves). The filler is a sequence of its own: its own ``cu_seq_lens`` entry and
-    position ids from 0, so no example attends to it, and label -100, so it adds nothing to the loss
-    or the gradients. ``max_length`` becomes the row's length: a valid upper bound for the varlen
-    kernel, and one value per bucket instead of one per step."""
-    length = batch["input_ids"].shape[1]
-    filler = -length % multiple
-    if filler:
-        batch["input_ids"] = torch.cat([batch["input_ids"], torch.full((1, filler), pad_id, dtype=batch["input_ids"].dtype)], 1)
-        batch["labels"] = torch.cat([batch["labels"], torch.full((1, filler), IGNORE_INDEX, dtype=batch["labels"].dtype)], 1)
-        batch["position_ids"] = torch.cat([batch["position_ids"], torch.arange(filler, dtype=batch["position_ids"].dtype)[None]], 1)
-        for key in ("cu_seq_lens_q", "cu_seq_lens_k"):
-            ends = batch[key]
-            batch[key] = torch.cat([ends, torch.tensor([length + filler], dtype=ends.dtype)])
-    batch["max_length_q"] = batch["max_length_k"] = length + filler
-    return batch
 
 
 # --- loss ----------------------------------------------------------------------------------------
@@ -279,13 +248,9 @@ COMPILE_BACKEND = "inductor"  # torch.compile's default; tests use "aot_eager" (
 
 
 @contextlib.contextmanager
-def compiled_layers(model, enabled: bool, cuda_graphs: bool = False):
+def compiled_layers(model, enabled: bool):
     """Run the decoder layers through torch.compile for the duration (training); generation
     afterwards uses the eager layers, whose KV-cache shapes would only cause recompilations.
-
-    ``cuda_graphs``: inductor's "reduce-overhead" mode, which records each compiled layer's kernels,
-    forward and backward, as CUDA graphs (torch's cudagraph trees) and replays them with one launch;
-    one recording per distinct packed length, hence the padded lengths of ``StepPlan.pad_to_multiple_of``.
 
     A layer that dynamo cannot compile runs eagerly instead of failing the run
     (``suppress_errors``); the note in run.json says compilation was asked for, the speed says
@@ -298,9 +263,8 @@ def compiled_layers(model, enabled: bool, cuda_graphs: bool = False):
 
     suppress = torch._dynamo.config.suppress_errors
     torch._dynamo.config.suppress_errors = True
-    mode = {"mode": "reduce-overhead"} if cuda_graphs and COMPILE_BACKEND == "inductor" else {}
     for layer in layers:
-        layer.compile(dynamic=True, backend=COMPILE_BACKEND, **mode)
+        layer.compile(dynamic=True, backend=COMPILE_BACKEND)
     try:
         yield
     finally:
@@ -351,7 +315,6 @@ def longest_step_tokens(lengths: list[int], examples_per_step: int) -> int:
 
 # --- the plan ------------------------------------------------------------------------------------
 
-CUDA_GRAPH_BUCKET_TOKENS = 1024  # packed rows padded to a multiple of this: a few shapes to record, not one per step
 LEAN_MAX_TOKENS = 2048  # memory-lean passes: activations of a few hundred MiB under checkpointing, still large GEMMs
 
 
@@ -367,13 +330,11 @@ class StepPlan:
     varlen_attention: bool  # switch the model to the varlen kernel while training
     notes: list[str]
     compile: bool = False  # torch.compile the decoder layers while training
-    cuda_graphs: bool = False  # ... and replay them as CUDA graphs (packed rows padded to CUDA_GRAPH_BUCKET_TOKENS)
 
 
 def plan_steps(model, tokenizer, train_dataset, options, device: str) -> StepPlan:
     """Turn the hf trainer's options into a StepPlan. ``options`` has batch_size, grad_accum,
-    packing, max_tokens_per_batch, memory_lean, gradient_checkpointing, compile (bool or "auto") and
-    cuda_graphs."""
+    packing, max_tokens_per_batch, memory_lean, gradient_checkpointing and compile (bool or "auto")."""
     notes: list[str] = []
     compile_layers = _plan_compile(getattr(options, "compile", False), device, notes)
     per_step = options.batch_size * options.grad_accum
@@ -385,7 +346,6 @@ def plan_steps(model, tokenizer, train_dataset, options, device: str) -> StepPla
         from transformers import DataCollatorForSeq2Seq
 
         notes.append("packing and label-only logits off: prompt-learning methods prepend virtual tokens to each row")
-        _plan_cuda_graphs(getattr(options, "cuda_graphs", False), compile_layers, False, False, notes)
         collator = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE_INDEX, pad_to_multiple_of=8)
         checkpointing = options.gradient_checkpointing is True or (options.gradient_checkpointing == "auto" and options.memory_lean)
         return StepPlan(per_device_batch=options.batch_size, grad_accum=options.grad_accum, collator=collator, stock=True,
@@ -400,20 +360,14 @@ def plan_steps(model, tokenizer, train_dataset, options, device: str) -> StepPla
         max_tokens = options.max_tokens_per_batch
         if options.memory_lean:
             max_tokens = min(max_tokens or LEAN_MAX_TOKENS, LEAN_MAX_TOKENS)
-        longest_step = longest_step_tokens(lengths, per_step)
-        longest_pass = min(longest_step, max_tokens or 10**12)
-        graphs = _plan_cuda_graphs(getattr(options, "cuda_graphs", False), compile_layers, varlen,
-                                   one_pass_per_step=longest_step <= (max_tokens or 10**12), notes=notes)
-        collator = StepCollator(tokenizer, pack=True, max_tokens=max_tokens,
-                                pad_to_multiple_of=CUDA_GRAPH_BUCKET_TOKENS if graphs else None)
+        collator = StepCollator(tokenizer, pack=True, max_tokens=max_tokens)
+        longest_pass = min(longest_step_tokens(lengths, per_step), max_tokens or 10**12)
         notes.append("packing: one row per pass, " + ("flash varlen attention" if varlen else
                      "SDPA with a block-diagonal mask (no varlen kernel on this device)"))
     else:
         collator = StepCollator(tokenizer, pack=False, max_examples=options.batch_size)
         longest_pass = options.batch_size * max(lengths, default=0)
         varlen = False
-        graphs = _plan_cuda_graphs(getattr(options, "cuda_graphs", False), compile_layers, varlen,
-                                   one_pass_per_step=False, notes=notes)
     if options.gradient_checkpointing == "auto":
         if options.memory_lean:
             checkpointing, why = True, "memory_lean"
@@ -422,12 +376,8 @@ def plan_steps(model, tokenizer, train_dataset, options, device: str) -> StepPla
         notes.append(f"gradient checkpointing auto -> {'on' if checkpointing else 'off'}: {why}")
     else:
         checkpointing = bool(options.gradient_checkpointing)
-    if graphs and checkpointing:
-        graphs = False
-        notes.append("cuda_graphs: true -> off: gradient checkpointing recomputes layers inside backward")
     return StepPlan(per_device_batch=per_step, grad_accum=1, collator=collator, stock=False,
-                    gradient_checkpointing=checkpointing, varlen_attention=varlen, notes=notes, compile=compile_layers,
-                    cuda_graphs=graphs)
+                    gradient_checkpointing=checkpointing, varlen_attention=varlen, notes=notes, compile=compile_layers)
 
 
 def _plan_compile(asked: bool | str, device: str, notes: list[str]) -> bool:
@@ -441,23 +391,6 @@ def _plan_compile(asked: bool | str, device: str, notes: list[str]) -> bool:
     else:
         notes.append(f"compile: true -> off: {why}")
     return available
-
-
-def _plan_cuda_graphs(asked: bool, compiled: bool, varlen: bool, one_pass_per_step: bool, notes: list[str]) -> bool:
-    """CUDA graphs replay compiled layers, on packed rows of the varlen kernel. They also need each step
-    to be one pass: a graph's outputs (the gradients among them) live in memory that the next
-    iteration's replay reuses, so a second pass would overwrite the first pass's gradients."""
-    if not asked:
-        return False
-    why = ("compile is off or unavailable here" if not compiled else
-           "no packed rows with the varlen kernel (a CUDA GPU)" if not varlen else
-           "a step can take several passes (raise trainer.max_tokens_per_batch, or null)" if not one_pass_per_step else None)
-    if why:
-        notes.append(f"cuda_graphs: true -> off: {why}")
-        return False
-    notes.append(f"cuda_graphs: compiled layers replayed as CUDA graphs; packed rows padded to a multiple of "
-                 f"{CUDA_GRAPH_BUCKET_TOKENS} tokens (a sequence of their own, no labels)")
-    return True
 
 
 def _prompt_learning(model) -> bool:
