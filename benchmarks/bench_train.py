@@ -565,11 +565,10 @@ def run_one(name, model_dir, tokenizer, dataset, heldout, steps, device, params,
 
 
 def run_isolated(name: str, model_dir, params: int, peak: float, argv: list[str]) -> dict:
-    """``run_one`` in a fresh Python process (this script again, with --one-run). Three things seen
-    on an H200 on 2026-12-04 when the runs shared one process: qlora_compiled after lora_compiled
-    failed (RecursionError in bitsandbytes 0.50.2's Params4bit.__torch_function__ under torch 2.11's
-    compiled layers; it ran when it came before), a segfault in one run took the later ones with it,
-    and a run's peak memory included what earlier runs left allocated."""
+    """``run_one`` in a fresh Python process (this script again, with --one-run). Seen on an H200 on
+    2026-12-04 when the runs shared one process: a segfault in one run took the later ones with it,
+    and a run's peak memory included what earlier runs had left allocated (memory-lean QLoRA 8.75 GiB
+    after four runs, 6.79 GiB on its own)."""
     import signal
     import subprocess
 
