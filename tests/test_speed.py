@@ -381,3 +381,20 @@ def test_spy_summary_keeps_kernel_launches_and_leaves_out_compiling():
     assert text.splitlines()[0].startswith("samples: 8 in the training loop, 3 in compiled backward")
     assert "50 compiling" in text
     assert " 75.0%  training_step p.py:4" in text and " 25.0%  Optimizer8bit.step optimizer.py:334" in text
+
+
+def test_bench_train_reports_a_run_whose_process_died_and_one_that_raised(tiny_model_dir, tmp_path):
+    """bench_train runs each run in a process of its own (run_isolated): a run that dies without a result (here
+    its process exits at once on a bad argument; on the H200 one segfaulted) and a run that raises (no model
+    where it is told to look) come back as errors instead of taking the other runs with them."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import bench_train
+
+    died = bench_train.run_isolated("lora", tiny_model_dir, 1, 1.0, ["--small", "--no-such-option"])
+    assert "exited with status 2 before writing a result" in died["error"]
+    raised = bench_train.run_isolated("lora", tmp_path / "no-model", 1, 1.0,
+                                      ["--small", "--tokenizer", str(tiny_model_dir), "--heldout", "2"])
+    assert set(raised) == {"error"} and raised["error"].split(":")[0].endswith("Error")
