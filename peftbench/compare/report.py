@@ -20,7 +20,7 @@ from typing import Callable
 
 from peftbench.errors import PeftbenchError
 from peftbench.pipeline.evaluation import ROUGE_CONVENTION, ROUGE_TYPES
-from peftbench.pipeline.report import QUANT_COLUMNS, gguf_quantizations, markdown_table, quantization_row
+from peftbench.pipeline.report import QUANT_COLUMNS, gguf_quantizations, markdown_table, quantization_row, smoke_examples
 from peftbench.files import atomic_write_text, human_bytes, read_json
 from peftbench.pipeline.environment import versions
 from peftbench.pipeline.record import first_non_finite
@@ -448,7 +448,7 @@ def _gguf_exports(runs: list[Run]) -> list[str]:
             merge_into = None
         where = "in the run" if not after else after.get("device", "?") + (f": {after['cpu']}" if after.get("cpu") else "")
         quantizations = gguf_quantizations(run.record)
-        examples = next((q["smoke"]["n"] for q in quantizations if q.get("smoke")), None)
+        examples = smoke_examples(quantizations)
         rows += [[run.name, where, merge_into or "—", str(examples or "—"), *quantization_row(q)] for q in quantizations]
     if not rows:
         return []

@@ -101,13 +101,18 @@ def _num(x, spec: str = ".2f") -> str:
     return format(x, spec) if isinstance(x, (int, float)) else "n/a"
 
 
+def smoke_examples(quantizations: list[dict]) -> int | None:
+    """How many examples the smoke tests of these GGUF types (``gguf_quantizations``) answered; None if none ran."""
+    return next((q["smoke"]["n"] for q in quantizations if q.get("smoke")), None)
+
+
 def quantization_lines(record: dict) -> list[str]:
-    rows = quantization_rows(record)
-    if len(rows) < 2:  # one type: export_lines' sentence says it all
+    quantizations = gguf_quantizations(record)
+    if len(quantizations) < 2:  # one type: export_lines' sentence says it all
         return []
-    n = next((q["smoke"]["n"] for q in gguf_quantizations(record) if q.get("smoke")), None)
+    n = smoke_examples(quantizations)
     return ["", f"Quantisation types compared (llama.cpp smoke test on {n or 'no'} examples; pick the smallest file "
-                "that keeps the quality):", "", *markdown_table(QUANT_COLUMNS, rows)]
+                "that keeps the quality):", "", *markdown_table(QUANT_COLUMNS, [quantization_row(q) for q in quantizations])]
 
 
 def markdown_table(header, rows: list[list[str]], text_columns: int = 1) -> list[str]:
