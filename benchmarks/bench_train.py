@@ -465,18 +465,12 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.one_run:
         return one_run_main(args)
-    device = "cpu" if args.small else args.device
-    steps = args.steps or (8 if args.small else 30)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
     unknown = [r for r in runs if r not in RUNS]
-    if unknown:
-        raise SystemExit(f"unknown run(s) {', '.join(unknown)}; known: {', '.join(RUNS)}")
-    tokenizer = load_tokenizer(args.tokenizer)
-    data = _data_path(args)
-    LEARNING["learning_rate"] = args.learning_rate
-    both = load_examples(data, tokenizer, steps * EXAMPLES_PER_STEP + args.heldout)
-    dataset = both.select(range(steps * EXAMPLES_PER_STEP))
-    heldout = both.select(range(steps * EXAMPLES_PER_STEP, len(both)))
+    if unknown or not runs:
+        problem = f"unknown run(s) {', '.join(unknown)}" if unknown else "no run named in --runs"
+        raise SystemExit(f"{problem}; known: {', '.join(RUNS)}")
+    device, steps, tokenizer, dataset, heldout = prepare(args)
     lengths = [len(x) for x in dataset["input_ids"]]
     print(f"{len(dataset)} examples, {sum(lengths)} non-pad tokens, mean {sum(lengths) / len(lengths):.0f}, max {max(lengths)}")
     workdir = Path(tempfile.mkdtemp(prefix="bench-model-"))
@@ -519,17 +513,15 @@ def main(argv=None) -> dict:
         if "error" in outcome:
             errors[name] = outcome["error"]
             print(f"{name}: failed: {outcome['error']}", flush=True)
-            continue
-        results[name] = r = outcome["result"]
-        if outcome.get("profile"):
-            profiles[name] = outcome["profile"]
-        print(f"{name}: {r['tokens_per_s']:.0f} tok/s, loss {r['final_loss']}, "
-              f"peak {r.get('peak_allocated_gib')} GiB, checkpointing {r['gradient_checkpointing']}", flush=True)
-        # Written after every run: a later run that stops the script (the call's time limit) keeps these.
+        else:
+            results[name] = r = outcome["result"]
+            if outcome.get("profile"):
+                profiles[name] = outcome["profile"]
+            print(f"{name}: {r['tokens_per_s']:.0f} tok/s, loss {r['final_loss']}, "
+                  f"peak {r.get('peak_allocated_gib')} GiB, checkpointing {r['gradient_checkpointing']}", flush=True)
+        # Written after every run, failed ones included: a later run that stops the script (the call's time limit) keeps these.
         out = write_report(args.out, report, results, errors, profiles)
         write_profiles(args.profile_out, profiles)
-    out = write_report(args.out, report, results, errors, profiles)
-    write_profiles(args.profile_out, profiles)
     if args.plot:
         plot_curves(results, args.plot, f"{shape}, {report['device']}")
     print_table(results)
@@ -587,23 +579,26 @@ def run_isolated(name: str, model_dir, params: int, peak: float, argv: list[str]
 def one_run_main(args) -> None:
     """The child side of run_isolated: the same data, the model the parent prepared, one run."""
     name, model_dir, params, peak = args.one_run
-    device = "cpu" if args.small else args.device
-    steps = args.steps or (8 if args.small else 30)
-    LEARNING["learning_rate"] = args.learning_rate
-    tokenizer = load_tokenizer(args.tokenizer)
-    both = load_examples(_data_path(args), tokenizer, steps * EXAMPLES_PER_STEP + args.heldout)
-    dataset = both.select(range(steps * EXAMPLES_PER_STEP))
-    heldout = both.select(range(steps * EXAMPLES_PER_STEP, len(both)))
+    device, steps, tokenizer, dataset, heldout = prepare(args)
     outcome = run_one(name, model_dir, tokenizer, dataset, heldout, steps, device, int(params), float(peak), args.profile)
     Path(args.one_run_out).write_text(json.dumps(outcome), encoding="utf-8")
 
 
-def _data_path(args) -> str:
-    if args.small and not Path(args.data).is_file():
+def prepare(args):
+    """What every run shares, the same in the parent and in each run's process: (device, steps, tokenizer,
+    training examples, held-out examples); sets the learning rate of every run."""
+    device = "cpu" if args.small else args.device
+    steps = args.steps or (8 if args.small else 30)
+    LEARNING["learning_rate"] = args.learning_rate
+    tokenizer = load_tokenizer(args.tokenizer)
+    data = args.data
+    if args.small and not Path(data).is_file():
         from peftbench_plugins.datasets import BUNDLED
 
-        return str(BUNDLED / "train.jsonl")
-    return args.data
+        data = str(BUNDLED / "train.jsonl")
+    both = load_examples(data, tokenizer, steps * EXAMPLES_PER_STEP + args.heldout)
+    dataset = both.select(range(steps * EXAMPLES_PER_STEP))
+    return device, steps, tokenizer, dataset, both.select(range(steps * EXAMPLES_PER_STEP, len(both)))
 
 
 def write_profiles(path: str | None, profiles: dict) -> None:
