@@ -86,7 +86,7 @@ def load_tokenizer(path: str | None):
         tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     else:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    from peftbench.pipeline.chat import complete_special_tokens
+    from peftbench.compat.transformers import complete_special_tokens
 
     complete_special_tokens(tokenizer)  # transformers 5.17: eos <|im_start|>, no pad token (see there)
     return tokenizer

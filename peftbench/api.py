@@ -7,18 +7,22 @@ implements a few methods; methods declare ``Capabilities`` that the host, export
 tests read. Stages return typed results (``LoadedDataset``, ``TrainResult``, ``ExportResult``).
 What a stage sees of the run is ``RunContext`` (a Protocol: the pipeline's context satisfies it).
 The host that loads plugins is ``peftbench.host``; the runner only ever talks to these interfaces.
+
+Errors a plugin raises for the user (``PeftbenchError``: a problem and its fix; ``StageRefused``: a
+stage declines this configuration) come from here too. Helpers a plugin may call are in
+``peftbench.kit``; nothing else of peftbench is supported for plugins.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
 
 import pluggy
 from pydantic import BaseModel, ConfigDict
 
-from peftbench.errors import PeftbenchError, StageRefused, did_you_mean
+from peftbench.errors import PeftbenchError, StageRefused, did_you_mean  # PeftbenchError, StageRefused: for plugins
 from peftbench.pipeline.resources import merged_model_bytes
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
@@ -38,14 +42,25 @@ class Options(BaseModel):
 class Capabilities:
     """What a method can do. The runner, exporters, reports and tests decide from these."""
 
-    mergeable: bool = False  # adapter weights fold into the base weights (merge_and_unload)
-    gguf_exportable: bool = False  # a merged model is a standard checkpoint llama.cpp converts
+    mergeable: bool = False  # merge() returns a standard transformers checkpoint with the training folded in
     needs_quantized_base: bool = False  # the base model is loaded in 4-bit (bitsandbytes)
     uses_peft: bool = True  # the trained model is a peft.PeftModel (adapter saved with save_pretrained)
     notes: str = ""  # one line a user should know (shown by `peftbench methods`)
+    # Further capabilities, named by the plugins that need them: an exporter's ``requires`` may name
+    # any string, and a method declares it here. The host knows no exporter's capability by name.
+    provides: frozenset[str] = frozenset()
+
+    def has(self, name: str) -> bool:
+        """Whether the method declares capability ``name`` (a true flag above, or one of ``provides``)."""
+        return name in self.names()
+
+    def names(self) -> set[str]:
+        flags = {k for k in ("mergeable", "needs_quantized_base", "uses_peft") if getattr(self, k)}
+        return flags | set(self.provides)
 
     def as_dict(self) -> dict[str, Any]:
-        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+        return {"mergeable": self.mergeable, "needs_quantized_base": self.needs_quantized_base,
+                "uses_peft": self.uses_peft, "notes": self.notes, "provides": sorted(self.provides)}
 
 
 class RunContext(Protocol):
@@ -170,7 +185,7 @@ class ExporterPlugin:
 
     def missing_capabilities(self, capabilities: Capabilities) -> list[str]:
         """What ``requires`` names and a method with these capabilities lacks (empty: it can run)."""
-        return [c for c in self.requires if not getattr(capabilities, c, False)]
+        return [c for c in self.requires if not capabilities.has(c)]
 
     def export(self, options: Options, ctx: RunContext) -> ExportResult:
         raise NotImplementedError
@@ -188,42 +203,6 @@ class ExporterPlugin:
 
 
 T = TypeVar("T")
-
-
-def wrap_with_peft(model, peft_config):
-    """``peft.get_peft_model``, with peft's "Target modules ... not found in the base model" as one
-    line that says where the names go (peft raises a ValueError only once the model is built)."""
-    from peft import get_peft_model
-
-    try:
-        return get_peft_model(model, peft_config)
-    except ValueError as e:
-        if "not found in the base model" not in str(e):
-            raise
-        raise PeftbenchError(f"{str(e).splitlines()[0].split('. Please')[0]} ({type(model).__name__}).",
-                             "set method.target_modules to names of the model's linear layers "
-                             "(for Llama-like models: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).") from None
-
-
-MergeTarget = Literal["original", "nf4_roundtrip"]
-MERGE_TARGET_HELP = ("16-bit weights the trained adapter of a 4-bit base is folded into when merging: the base's NF4 "
-                     "weights dequantised (nf4_roundtrip, what the adapter was trained against: the GGUF keeps the "
-                     "trained model's quality), or the original base (original)")
-
-
-def base_for_merge(ctx: "RunContext", merge_into: MergeTarget):
-    """A fresh 16-bit base for merging the adapter of a method that trained on a 4-bit base.
-    Merging into the 4-bit weights themselves would round the update away, so the choice is which
-    16-bit weights: the original ones, or the 4-bit ones dequantised, which the adapter learnt to
-    correct (the difference grows with training: see qlora's merge_into default for figures)."""
-    if merge_into == "nf4_roundtrip":
-        model = ctx.load_base_model().dequantize()  # bitsandbytes: NF4 weights back in the compute dtype
-        # transformers 5.17-5.23 `dequantize()` clears is_quantized but leaves is_loaded_in_4bit set,
-        # and peft 0.21's IA3 merge refuses any model carrying that flag ("Cannot merge ia3 layers
-        # when the model is loaded in 4-bit mode") although no 4-bit layer is left.
-        model.is_loaded_in_4bit = False
-        return model
-    return ctx.load_base_model(quantized=False)
 
 
 class DuplicatePluginName(PeftbenchError, ValueError):

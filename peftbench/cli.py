@@ -169,7 +169,7 @@ def _cmd_methods(args) -> int:
     host = get_host()
     for name, method in host.methods.items():
         caps = method.capabilities
-        flags = [k for k, v in caps.as_dict().items() if v is True]
+        flags = sorted(caps.names())
         table = Table(title=f"{name}: {', '.join(flags) or 'no capabilities'}" + (f" ({caps.notes})" if caps.notes else ""),
                       title_justify="left")
         for col in ("option", "default", "help"):

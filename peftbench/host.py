@@ -129,3 +129,15 @@ def registered(plugin):
     finally:
         _extra_plugins.remove(plugin)
         reset_host()
+
+
+def load_examples(dataset: str, options: dict, n: int | None = None, split: str = "test") -> list[dict]:
+    """``n`` examples of ``split`` (validation if there is none, else train) from the dataset plugin
+    named ``dataset`` with ``options`` (its Options fields), normalised as for a run."""
+    plugin = get_host().datasets.get(dataset)
+    splits = plugin.load(plugin.Options(**options), seed=0).splits
+    name = split if split in splits else "validation" if "validation" in splits else "train"
+    rows = splits[name]
+    if n is not None:
+        rows = rows.select(range(min(n, len(rows))))
+    return [dict(r) for r in rows]

@@ -20,7 +20,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from peftbench.host import load_examples
 from peftbench.pipeline.chat import build_messages, encode_prompt
+from peftbench.pipeline.recipe import prompt_settings
 from peftbench.errors import PeftbenchError
 from peftbench.pipeline.environment import cpu_flags
 from peftbench.pipeline.evaluation import paired_rouge1_change, rouge
@@ -617,21 +619,6 @@ def read_predictions(path: str | Path) -> dict[str, str]:
     return out
 
 
-def load_examples(data: str | None, n: int | None, split: str = "test") -> list[dict]:
-    """``n`` examples of ``split`` (validation if there is none) from a dataset path, by default the
-    bundled chatsum set, normalised as the dataset plugins do for a run."""
-    from peftbench.host import get_host
-
-    datasets = get_host().datasets
-    plugin = datasets.get("samsum" if data else "chatsum")
-    splits = plugin.load(plugin.Options(path=data) if data else plugin.Options(), seed=0).splits
-    name = split if split in splits else "validation" if "validation" in splits else "train"
-    rows = splits[name]
-    if n is not None:
-        rows = rows.select(range(min(n, len(rows))))
-    return [dict(r) for r in rows]
-
-
 # --- Ollama --------------------------------------------------------------------------------------
 
 
@@ -677,26 +664,6 @@ def user_message(prompt, dialogue: str) -> str:
 EXIT_FAILED = 1
 
 
-def prompt_settings(recipe_path: str | None):
-    """(PromptSection, max_new_tokens) from a recipe file or a run directory's recipe.yaml; the
-    defaults of a recipe without one."""
-    from peftbench.pipeline.recipe import EvaluationSection, PromptSection, read_recipe_file
-
-    if recipe_path is None:
-        return PromptSection(), EvaluationSection().max_new_tokens
-    path = Path(recipe_path)
-    raw = read_recipe_file(path / "recipe.yaml" if path.is_dir() else path)
-    from pydantic import ValidationError
-
-    try:
-        prompt = PromptSection.model_validate(raw.get("prompt") or {})
-        evaluation = EvaluationSection.model_validate(raw.get("evaluation") or {})
-    except ValidationError as e:
-        raise PeftbenchError(f"the prompt/evaluation sections of '{path}' are invalid: {e.errors()[0]['msg']}.",
-                             "check them with `peftbench validate`.") from None
-    return prompt, evaluation.max_new_tokens
-
-
 def run_smoke_command(gguf: str, *, data: str | None = None, n: int | None = None, hf_predictions: str | None = None,
                       margin: float = 1.5, recipe: str | None = None, output: str | None = None,
                       parallel: int = SMOKE_PARALLEL, workers: int | None = None) -> int:
@@ -712,7 +679,7 @@ def run_smoke_command(gguf: str, *, data: str | None = None, n: int | None = Non
     if workers is not None and workers < 1:
         raise PeftbenchError(f"--workers {workers} is not a number of processes.", "pass 1 or more (default: one per core).")
     prompt, max_new_tokens = prompt_settings(recipe)
-    examples = load_examples(data, n)
+    examples = load_examples("samsum" if data else "chatsum", {"path": data} if data else {}, n)
     hf = read_predictions(hf_predictions) if hf_predictions else None
     with Progress(TextColumn("[bold]llama.cpp"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console) as bar:
         task = bar.add_task("gguf", total=len(examples))

@@ -12,9 +12,7 @@ from pathlib import Path
 
 from pydantic import Field
 
-from peftbench.api import DatasetPlugin, LoadedDataset, Options
-from peftbench.errors import PeftbenchError
-from peftbench.api import hookimpl
+from peftbench.api import DatasetPlugin, LoadedDataset, Options, PeftbenchError, hookimpl
 
 SPLIT_ALIASES = {"train": "train", "val": "validation", "valid": "validation", "validation": "validation",
                  "dev": "validation", "test": "test"}

@@ -1,4 +1,5 @@
-"""The layout's rules, checked from the source: no import cycle, and core never imports a plugin.
+"""The layout's rules, checked from the source: no import cycle, core never imports a plugin, and
+plugins import only the supported surface of peftbench (``peftbench.api`` and ``peftbench.kit``).
 
 Every import statement counts, also those inside functions (a lazy import still ties two modules
 together) and those under ``if TYPE_CHECKING:`` (a cycle of types is a cycle in the design).
@@ -105,6 +106,37 @@ def test_core_never_imports_a_plugin_module():
     offending = {name: sorted(t for t in targets if t.startswith("peftbench_plugins"))
                  for name, targets in graph.items() if name.startswith("peftbench.")}
     assert {name: targets for name, targets in offending.items() if targets} == {}
+
+
+SUPPORTED_SURFACE = {"peftbench.api", "peftbench.kit"}
+
+
+def plugin_package(module: str) -> str:
+    """The plugin a built-in plugin module belongs to: ``peftbench_plugins.<first name>``."""
+    return ".".join(module.split(".")[:2])
+
+
+def test_plugins_import_only_the_supported_surface():
+    """A built-in plugin uses what a third-party plugin may use: peftbench.api and peftbench.kit, and
+    modules of its own plugin package. Anything else of peftbench is internal."""
+    graph = import_graph()
+    offending = {}
+    for name, targets in graph.items():
+        if not name.startswith("peftbench_plugins."):
+            continue
+        outside = sorted(t for t in targets if (t.startswith("peftbench.") and t not in SUPPORTED_SURFACE)
+                         or (t.startswith("peftbench_plugins") and plugin_package(t) != plugin_package(name)))
+        if outside:
+            offending[name] = outside
+    assert offending == {}
+
+
+def test_the_surface_check_sees_an_internal_import(tmp_path):
+    module = tmp_path / "plugin.py"
+    module.write_text("from peftbench.kit import console\nfrom peftbench.pipeline import runner\n")
+    known = {"peftbench.kit": ROOT, "peftbench.pipeline.runner": ROOT, "peftbench.pipeline": ROOT}
+    found = imported_modules("peftbench_plugins.x", module, known)
+    assert found - SUPPORTED_SURFACE == {"peftbench.pipeline.runner"}
 
 
 PIPELINE = ("peftbench/pipeline", "peftbench/compare")

@@ -53,7 +53,8 @@ def test_long_dialogue_is_truncated_to_the_source_budget(tiny_model_dir):
 def test_an_eos_that_opens_every_turn_is_replaced_and_pad_is_set(tiny_model_dir):
     """transformers 5.17 builds SmolLM2's GGUF tokenizer with eos <|im_start|> and no pad token (issue 13):
     peftbench makes eos the template's end-of-turn token and pads with it, as transformers 5.23 does."""
-    from peftbench.pipeline.chat import complete_special_tokens, end_of_turn, stop_token_ids
+    from peftbench.compat.transformers import complete_special_tokens
+    from peftbench.pipeline.chat import end_of_turn, stop_token_ids
 
     tok = _tokenizer(tiny_model_dir)
     tok.eos_token = "<|im_start|>"

@@ -1,7 +1,7 @@
 """What broke on CPUs with AVX-512 BF16 and AMX, made testable on any CPU.
 
 1. bitsandbytes 0.50 repacks 4-bit weights for fast CPU inference during an evaluation and never
-   unpacks them, so training after the baseline evaluation had zero gradients (peftbench.pipeline.bnb_cpu).
+   unpacks them, so training after the baseline evaluation had zero gradients (peftbench.compat.bitsandbytes).
 2. A run that trains nothing must fail loudly instead of reporting the base model as "fine-tuned".
 3. llama.cpp crashed (SIGSEGV) in its CPU weight repacking: llama.cpp now runs in a child process,
    where a crash is one failed check (peftbench.isolation).
@@ -30,7 +30,7 @@ def test_a_4bit_layer_packed_for_inference_is_restored_exactly_before_training()
     import bitsandbytes as bnb
     from bitsandbytes.functional import _convert_weight_packed_for_cpu
 
-    from peftbench.pipeline.bnb_cpu import guard_4bit_layers
+    from peftbench.compat.bitsandbytes import guard_4bit_layers
 
     torch.manual_seed(0)
     layer = bnb.nn.Linear4bit(64, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
@@ -67,7 +67,7 @@ def test_only_4bit_layers_on_the_cpu_get_the_guard():
     (bitsandbytes 0.50.2, torch 2.11). A layer elsewhere (here: on the meta device) stays unhooked."""
     import bitsandbytes as bnb
 
-    from peftbench.pipeline.bnb_cpu import guard_4bit_layers
+    from peftbench.compat.bitsandbytes import guard_4bit_layers
 
     elsewhere = bnb.nn.Linear4bit(64, 64, bias=False, quant_type="nf4", device="meta")
     assert elsewhere.weight.device.type == "meta"
@@ -270,7 +270,7 @@ def test_doctor_fails_without_the_guard_on_a_cpu_that_packs_4bit_weights(monkeyp
 
     if not has_avx512bf16():
         pytest.skip("bitsandbytes packs 4-bit weights only on CPUs with AVX-512 BF16")
-    monkeypatch.setattr("peftbench.pipeline.bnb_cpu.guard_4bit_layers", lambda model: 0)
+    monkeypatch.setattr("peftbench.compat.bitsandbytes.guard_4bit_layers", lambda model: 0)
     [check] = doctor.check_4bit_training()
     assert check.status == "FAIL" and "gradient norm 0" in check.detail
 

@@ -349,7 +349,7 @@ def test_validation_refuses_exporters_a_method_cannot_feed(write_recipe, capsys)
 
     class VirtualTokens(Lora):
         name = "virtual_tokens_for_test"
-        capabilities = Capabilities(mergeable=False, gguf_exportable=False)
+        capabilities = Capabilities(mergeable=False)
 
     class Plugin:
         from peftbench.api import hookimpl

@@ -285,7 +285,7 @@ def test_bench_models_keep_every_embedding_row_when_the_tokenizer_has_no_pad(tin
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import bench_train
 
-    from peftbench.pipeline.chat import complete_special_tokens
+    from peftbench.compat.transformers import complete_special_tokens
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.eos_token, tokenizer.pad_token = "<|im_start|>", None  # as transformers 5.17 builds it
@@ -305,7 +305,7 @@ def test_packed_step_with_a_tokenizer_that_had_no_pad_token(tiny):
 
     from transformers import DataCollatorForSeq2Seq
 
-    from peftbench.pipeline.chat import complete_special_tokens
+    from peftbench.compat.transformers import complete_special_tokens
 
     model, tokenizer, examples = tiny
     no_pad = deepcopy(tokenizer)

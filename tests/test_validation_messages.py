@@ -99,7 +99,7 @@ class NoMerge(MethodPlugin):
     """A method that cannot be merged into the base weights (what the exporter check reads)."""
 
     name = "test_no_merge"
-    capabilities = Capabilities(mergeable=False, gguf_exportable=False)
+    capabilities = Capabilities(mergeable=False)
 
 
 class NeedsMerge(ExporterPlugin):

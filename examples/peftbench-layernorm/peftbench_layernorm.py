@@ -9,9 +9,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from peftbench.api import Capabilities, MethodPlugin, Options
-from peftbench.errors import PeftbenchError
-from peftbench.api import hookimpl
+from peftbench.api import Capabilities, MethodPlugin, Options, PeftbenchError, hookimpl
 
 
 class LnTuningOptions(Options):
@@ -26,7 +24,7 @@ class LnTuning(MethodPlugin):
 
     name = "ln_tuning"
     Options = LnTuningOptions
-    capabilities = Capabilities(mergeable=True, gguf_exportable=True, notes="trains only the norm layers' weights")
+    capabilities = Capabilities(mergeable=True, notes="trains only the norm layers' weights")
 
     def target_modules(self, options: LnTuningOptions, model_config) -> list[str]:
         from peft.utils.constants import TRANSFORMERS_MODELS_TO_LNTUNING_TARGET_MODULES_MAPPING as DEFAULTS

@@ -22,13 +22,13 @@ def build_messages(prompt, dialogue: str) -> list[dict]:
     return messages
 
 
-def _render(tokenizer, messages, add_generation_prompt: bool) -> str:
+def render_chat(tokenizer, messages, add_generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
 
 
 @lru_cache(maxsize=16)
 def _end_of_turn_cached(tokenizer) -> tuple[int, str]:
-    rendered = _render(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}], False)
+    rendered = render_chat(tokenizer, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}], False)
     after = rendered.split(_SENTINEL, 1)[1]
     ids = tokenizer(after, add_special_tokens=False)["input_ids"]
     if ids and ids[0] in tokenizer.all_special_ids + list(tokenizer.added_tokens_decoder):
@@ -39,24 +39,6 @@ def _end_of_turn_cached(tokenizer) -> tuple[int, str]:
 def end_of_turn(tokenizer) -> tuple[int, str]:
     """(id, text) of the token that closes an assistant turn (<|im_end|>, <|eot_id|>, ...)."""
     return _end_of_turn_cached(tokenizer)
-
-
-def complete_special_tokens(tokenizer) -> None:
-    """An end-of-sequence token that ends a turn, and a pad token.
-
-    transformers 5.17 builds the tokenizer of a SmolLM2 GGUF with eos = ``<|im_start|>`` (the token
-    that *opens* every turn) and no pad token; 5.23 gives ``<|im_end|>`` for both. A pad token copied
-    from such an eos is a token every prompt contains: a model config that takes it as
-    ``pad_token_id`` zeroes that embedding row (bench_train's random model did, and its bf16 training
-    went NaN at step 1 on an H200). So an eos that occurs inside the rendered prompt is replaced by the
-    template's end-of-turn token, and a missing pad token becomes that eos, as transformers 5.23 does."""
-    if tokenizer.chat_template and tokenizer.eos_token_id is not None:
-        eot_id, eot_text = end_of_turn(tokenizer)
-        prompt = _render(tokenizer, [{"role": "user", "content": "hi"}], add_generation_prompt=True)
-        if eot_id != tokenizer.eos_token_id and tokenizer.eos_token_id in tokenizer(prompt, add_special_tokens=False)["input_ids"]:
-            tokenizer.eos_token = eot_text
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
 
 
 def stop_token_ids(tokenizer) -> list[int]:
@@ -79,7 +61,7 @@ def encode_prompt(tokenizer, prompt, dialogue: str) -> list[int]:
 
 
 def _prompt_ids(tokenizer, prompt, dialogue: str) -> list[int]:
-    text = _render(tokenizer, build_messages(prompt, dialogue), add_generation_prompt=True)
+    text = render_chat(tokenizer, build_messages(prompt, dialogue), add_generation_prompt=True)
     # The rendered template already holds BOS and other special tokens as text.
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 

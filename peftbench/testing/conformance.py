@@ -134,8 +134,8 @@ class MethodConformance:
         assert isinstance(plugin.capabilities, Capabilities)
         undocumented = [f for f, info in plugin.Options.model_fields.items() if not (info.description or "").strip()]
         assert not undocumented, f"options without a description (the help `peftbench methods` shows): {undocumented}"
-        if plugin.capabilities.gguf_exportable:
-            assert plugin.capabilities.mergeable, "a GGUF is converted from merged weights: gguf_exportable needs mergeable"
+        extra = plugin.capabilities.provides
+        assert all(isinstance(c, str) and c for c in extra), f"capabilities in provides must be names: {sorted(extra, key=str)}"
 
     def test_trainable_parameters_are_a_small_fraction(self, conformance_ctx):
         from peftbench.pipeline.resources import count_parameters
@@ -201,7 +201,7 @@ class MethodConformance:
             # Trained on a quantised base, merged into 16-bit weights (the original ones, or the 4-bit ones
             # dequantised: the method's merge_into): the merge must match the trained weights applied
             # to that same 16-bit base (the quantisation error is not the merge's).
-            from peftbench.api import base_for_merge
+            from peftbench.kit import base_for_merge
 
             target = getattr(options, "merge_into", "original")
             expected = self.logits(method.load(base_for_merge(ctx, target), ctx.adapter_dir, options), batch)

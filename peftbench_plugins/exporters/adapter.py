@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 from peftbench.api import ExporterPlugin, ExportResult, hookimpl
-from peftbench.files import atomic_write_text, dir_size
+from peftbench.kit import atomic_write_text, dir_size
 
 
 class AdapterExporter(ExporterPlugin):

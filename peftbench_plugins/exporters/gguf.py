@@ -260,7 +260,7 @@ class GgufExporter(ExporterPlugin):
 
     name = "gguf"
     Options = GgufOptions
-    requires = ("mergeable", "gguf_exportable")
+    requires = ("mergeable",)  # llama.cpp converts the standard checkpoint a merge leaves
 
     def estimated_bytes(self, options: GgufOptions, ctx) -> int:
         """The merged checkpoint (in the evaluated dtype, unless already written), the converter's

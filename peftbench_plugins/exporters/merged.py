@@ -18,10 +18,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftbench.api import ExporterPlugin, ExportResult, Options
-from peftbench.console import console
-from peftbench.api import hookimpl
-from peftbench.files import atomic_directory, atomic_write_json, dir_size
+from peftbench.api import ExporterPlugin, ExportResult, Options, hookimpl
+from peftbench.kit import atomic_directory, atomic_write_json, console, dir_size
 
 MARKER = "peftbench_merge.json"  # which adapter the checkpoint was merged from
 

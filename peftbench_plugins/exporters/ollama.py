@@ -206,7 +206,7 @@ class OllamaExporter(ExporterPlugin):
 
     name = "ollama"
     Options = OllamaOptions
-    requires = ("mergeable", "gguf_exportable")
+    requires = ("mergeable",)  # llama.cpp converts the standard checkpoint a merge leaves
     after = ("gguf",)
 
     def estimated_bytes(self, options: OllamaOptions, ctx) -> int:

@@ -21,10 +21,8 @@ from pathlib import Path
 
 from pydantic import Field
 
-from peftbench.api import Capabilities, MethodPlugin, Options
-from peftbench.errors import PeftbenchError
-from peftbench.api import hookimpl
-from peftbench.pipeline.targets import ARCHITECTURES, module_matches, targets_for
+from peftbench.api import Capabilities, MethodPlugin, Options, PeftbenchError, hookimpl
+from peftbench.kit import ARCHITECTURES, module_matches, targets_for
 
 BIASES_FILE = "bitfit_biases.safetensors"
 CONFIG_FILE = "bitfit.json"
@@ -50,7 +48,7 @@ class BitFit(MethodPlugin):
     name = "bitfit"
     Options = BitFitOptions
     capabilities = Capabilities(
-        mergeable=True, gguf_exportable=True, uses_peft=False,
+        mergeable=True, uses_peft=False,
         notes="adds zero biases through config flags (Llama: attention_bias, mlp_bias); the trained model is "
               "a standard checkpoint",
     )

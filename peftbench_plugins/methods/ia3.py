@@ -10,11 +10,9 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from peftbench.api import MERGE_TARGET_HELP, Capabilities, MergeTarget, MethodPlugin, Options, base_for_merge, wrap_with_peft
-from peftbench.errors import PeftbenchError
-from peftbench.api import hookimpl
-from peftbench.pipeline.modeling import four_bit_config
-from peftbench.pipeline.targets import ARCHITECTURES, resolve_targets, targets_for
+from peftbench.api import Capabilities, MethodPlugin, Options, PeftbenchError, hookimpl
+from peftbench.kit import (ARCHITECTURES, MERGE_TARGET_HELP, MergeTarget, base_for_merge, four_bit_config, resolve_targets,
+                           targets_for, wrap_with_peft)
 
 
 class Ia3Options(Options):
@@ -39,7 +37,7 @@ class Ia3(MethodPlugin):
     name = "ia3"
     Options = Ia3Options
     capabilities = Capabilities(
-        mergeable=True, gguf_exportable=True,
+        mergeable=True,
         notes="merged into full-precision base weights (reloaded if training used a 4-bit base)",
     )
 

@@ -6,9 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftbench.api import Capabilities, MethodPlugin, Options, wrap_with_peft
-from peftbench.api import hookimpl
-from peftbench.pipeline.targets import resolve_targets, targets_for
+from peftbench.api import Capabilities, MethodPlugin, Options, hookimpl
+from peftbench.kit import resolve_targets, targets_for, wrap_with_peft
 
 
 class LoraOptions(Options):
@@ -28,7 +27,7 @@ class Lora(MethodPlugin):
 
     name = "lora"
     Options = LoraOptions
-    capabilities = Capabilities(mergeable=True, gguf_exportable=True, notes="merges exactly into the base weights")
+    capabilities = Capabilities(mergeable=True, notes="merges exactly into the base weights")
 
     def peft_config(self, options: LoraOptions, model):
         from peft import LoraConfig, TaskType

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 from pydantic import Field, model_validator
 
-from peftbench.api import Capabilities, MethodPlugin, Options
-from peftbench.errors import PeftbenchError, StageRefused
-from peftbench.api import hookimpl
+from peftbench.api import Capabilities, MethodPlugin, Options, PeftbenchError, StageRefused, hookimpl
 
 
 class PrefixTuningOptions(Options):
@@ -50,7 +48,7 @@ class PrefixTuning(MethodPlugin):
     name = "prefix_tuning"
     Options = PrefixTuningOptions
     capabilities = Capabilities(
-        mergeable=False, gguf_exportable=False,
+        mergeable=False,
         notes="virtual tokens, not a weight update: cannot be merged or exported as GGUF; export the adapter",
     )
 
@@ -67,7 +65,7 @@ class PrefixTuning(MethodPlugin):
         if options.init_text:
             tokenizer = ctx.tokenizer
             if tokenizer is None:
-                from peftbench.pipeline.modeling import load_tokenizer
+                from peftbench.kit import load_tokenizer
 
                 tokenizer = load_tokenizer(ctx.model_source, ctx.recipe.recipe.model.trust_remote_code)
             init_prefix_from_text(peft_model, tokenizer, options.init_text)

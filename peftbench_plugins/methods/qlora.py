@@ -6,9 +6,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from peftbench.api import MERGE_TARGET_HELP, Capabilities, MergeTarget, base_for_merge
-from peftbench.pipeline.modeling import four_bit_config
-from peftbench.api import hookimpl
+from peftbench.api import Capabilities, hookimpl
+from peftbench.kit import MERGE_TARGET_HELP, MergeTarget, base_for_merge, four_bit_config
 from peftbench_plugins.methods.lora import Lora, LoraOptions
 
 
@@ -37,7 +36,7 @@ class Qlora(Lora):
     name = "qlora"
     Options = QloraOptions
     capabilities = Capabilities(
-        mergeable=True, gguf_exportable=True, needs_quantized_base=True,
+        mergeable=True, needs_quantized_base=True,
         notes="needs bitsandbytes; merged into 16-bit base weights, not the 4-bit ones",
     )
 

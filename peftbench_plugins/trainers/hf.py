@@ -8,12 +8,9 @@ from typing import Literal
 
 from pydantic import Field, ValidationInfo, field_validator
 
-from peftbench.pipeline.bnb_cpu import unpack_all
-from peftbench.api import Options, TrainerPlugin, TrainResult
-from peftbench.pipeline.device import memory_in_use_bytes, peak_memory_bytes, reset_peak_memory
-from peftbench.errors import PeftbenchError
-from peftbench.pipeline.record import first_non_finite
-from peftbench.api import hookimpl
+from peftbench.api import Options, PeftbenchError, TrainerPlugin, TrainResult, hookimpl
+from peftbench.kit import (first_non_finite, load_finished_checkpoint, memory_in_use_bytes, peak_memory_bytes,
+                           reset_peak_memory, unpack_4bit_layers)
 
 # The modules transformers' is_<tracker>_available() look for. Asking transformers itself means
 # importing transformers.integrations, seconds that `peftbench validate` should not spend.
@@ -166,20 +163,15 @@ class HfTrainer(TrainerPlugin):
             processing_class=tokenizer,
             callbacks=[memory, learning, *callbacks],
         )
-        # A 4-bit layer that an evaluation left packed (peftbench.pipeline.bnb_cpu) would be unpacked by its
-        # forward hook, but DDP broadcasts rank 0's parameters when it wraps the model, before any
-        # forward: a packed weight has as many bytes in another layout and would scramble the others'.
-        unpack_all(model)
+        # A 4-bit layer that an evaluation left packed (bitsandbytes on CPUs with AVX-512 BF16) would be
+        # unpacked by its forward hook, but DDP broadcasts rank 0's parameters when it wraps the model, before
+        # any forward: a packed weight has as many bytes in another layout and would scramble the others'.
+        unpack_4bit_layers(model)
         reset_peak_memory(policy.device)
         start = time.perf_counter()
         checkpoint = _last_checkpoint(args.output_dir) if ctx.resume else None
         if checkpoint and _finished(checkpoint):
-            # transformers (5.17-5.23) resumed from the last checkpoint of a finished schedule runs one
-            # optimiser step more than asked. Nothing is left to train: take the checkpoint as it is.
-            from transformers import TrainerState
-
-            trainer._load_from_checkpoint(checkpoint)  # the weights, in the Trainer's own format for this model
-            trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
+            load_finished_checkpoint(trainer, checkpoint)  # nothing is left to train: take the checkpoint as it is
         else:
             with packed_attention(model, plan.varlen_attention), compiled_layers(model, plan.compile):
                 trainer.train(resume_from_checkpoint=checkpoint)
@@ -236,7 +228,7 @@ NOT_LEARNING_FIX = (
 def learning_guard(model):
     """A TrainerCallback that stops a run which trains nothing, loudly: the first optimiser steps all
     have a zero gradient norm, or training ends with the trainable parameters unchanged. (Such a run
-    used to end as a success that scored like the base model; see peftbench.pipeline.bnb_cpu for one cause.)"""
+    used to end as a success that scored like the base model; see peftbench.compat.bitsandbytes for one cause.)"""
     import torch
     from transformers import TrainerCallback
 
@@ -297,7 +289,7 @@ def _last_checkpoint(output_dir: str) -> str | None:
 
     from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-    from peftbench.console import console
+    from peftbench.kit import console
 
     root = Path(output_dir)
     steps = sorted(((int(m.group(1)), d) for d in (root.iterdir() if root.is_dir() else ())

@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from peftbench.pipeline.chat import IGNORE_INDEX
+from peftbench.kit import IGNORE_INDEX, clip_trainable_grad_norm
 
 VARLEN_ATTENTION = "peftbench_varlen"  # the name registered with transformers' AttentionInterface
 
@@ -297,7 +297,7 @@ def checkpointing_needed(config, tokens: int, device: str) -> tuple[bool, str]:
     """Whether a pass of ``tokens`` tokens needs gradient checkpointing to fit, and why."""
     if device != "cuda":
         return False, f"no checkpointing on {device}: memory is not the limit there"
-    from peftbench.pipeline.device import free_gpu_memory
+    from peftbench.kit import free_gpu_memory
 
     free = free_gpu_memory()
     need = activation_bytes(config, tokens)
@@ -431,17 +431,7 @@ def step_trainer_class():
             return total
 
         def _clip_grad_norm(self, model):
-            # transformers 5.17-5.23 hand accelerate model.parameters(), which accelerate turns into a list: a walk
-            # over every module and frozen weight each step (about 6% of a compiled SmolLM2 step's host time).
-            # Frozen weights have no gradient and clip_grad_norm_ skips them, so the trainable ones give the
-            # same norm and the same clipping. Sharded and mixed-mesh setups keep the stock path.
-            if getattr(self, "_clipped", None) is None:  # decided once: sharding and trainability stay as set up
-                mixed_mesh = getattr(self, "_has_mixed_mesh_grads", lambda _: False)(model)
-                stock = self.is_fsdp_enabled or self.is_deepspeed_enabled or mixed_mesh
-                self._clipped = () if stock else [p for p in model.parameters() if p.requires_grad]
-            if not self._clipped:
-                return super()._clip_grad_norm(model)
-            return self.accelerator.clip_grad_norm_(self._clipped, self.args.max_grad_norm)
+            return clip_trainable_grad_norm(self, model, super()._clip_grad_norm)
 
         def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
             if "passes" not in inputs:

@@ -1,0 +1,54 @@
+"""The plugin kit: the helpers peftbench supports for plugin authors.
+
+A plugin imports two modules of peftbench: ``peftbench.api`` (hooks, base classes, typed results:
+the contract) and this one (helpers). Everything else in peftbench is internal and may change
+without notice; ``tests/test_boundary.py`` fails when a built-in plugin imports anything else, so
+the built-in plugins show what a third-party plugin can do. docs/plugin-kit.md lists each helper.
+
+Tests of a plugin use the pytest plugin ``peftbench.testing`` (fixtures and a conformance class).
+"""
+
+from __future__ import annotations
+
+# Output and files: one console for the tool; writes that never leave a half-written file.
+from peftbench.console import console
+from peftbench.files import atomic_directory, atomic_write_json, atomic_write_text, dir_size, human_bytes, read_json
+from peftbench.library_output import quiet_progress_bars, run_log
+
+# Native code that may crash (llama.cpp, CUDA kernels): run it in a child process.
+from peftbench.isolation import NativeCrash, run_isolated, run_isolated_side_by_side
+
+# Models: which modules to adapt, 4-bit bases, merging, sizes.
+from peftbench.pipeline.modeling import MERGE_TARGET_HELP, MergeTarget, base_for_merge, four_bit_config, load_tokenizer
+from peftbench.pipeline.resources import merged_model_bytes
+from peftbench.pipeline.targets import ARCHITECTURES, module_matches, resolve_targets, targets_for, wrap_with_peft
+
+# Prompts, as trained and evaluated: the chat template with assistant-only labels.
+from peftbench.pipeline.chat import IGNORE_INDEX, build_messages, encode_prompt, end_of_turn
+from peftbench.pipeline.recipe import prompt_settings
+
+# Data: examples of any registered dataset plugin.
+from peftbench.host import load_examples
+
+# Training: memory figures the runner records, divergence, 4-bit layers kept trainable.
+from peftbench.compat.bitsandbytes import unpack_all as unpack_4bit_layers
+from peftbench.compat.transformers import clip_trainable_grad_norm, load_finished_checkpoint
+from peftbench.pipeline.device import free_gpu_memory, memory_in_use_bytes, peak_memory_bytes, reset_peak_memory
+from peftbench.pipeline.record import first_non_finite
+
+# Scores and the machine: ROUGE as the runner computes it; the CPU's instruction sets.
+from peftbench.pipeline.environment import cpu_flags
+from peftbench.pipeline.evaluation import ROUGE_TYPES, paired_rouge1_change, rouge
+
+__all__ = [
+    "console", "atomic_directory", "atomic_write_json", "atomic_write_text", "dir_size", "human_bytes", "read_json",
+    "quiet_progress_bars", "run_log",
+    "NativeCrash", "run_isolated", "run_isolated_side_by_side",
+    "MERGE_TARGET_HELP", "MergeTarget", "base_for_merge", "four_bit_config", "load_tokenizer", "merged_model_bytes",
+    "ARCHITECTURES", "module_matches", "resolve_targets", "targets_for", "wrap_with_peft",
+    "IGNORE_INDEX", "build_messages", "encode_prompt", "end_of_turn", "prompt_settings",
+    "load_examples",
+    "unpack_4bit_layers", "clip_trainable_grad_norm", "load_finished_checkpoint",
+    "free_gpu_memory", "memory_in_use_bytes", "peak_memory_bytes", "reset_peak_memory", "first_non_finite",
+    "cpu_flags", "ROUGE_TYPES", "paired_rouge1_change", "rouge",
+]
