@@ -275,7 +275,7 @@ def test_bench_models_keep_every_embedding_row_when_the_tokenizer_has_no_pad(tin
     """Issue 13's NaN: with transformers 5.17's SmolLM2 tokenizer (eos <|im_start|>, no pad) bench_train
     took pad = <|im_start|> and built its random Llama with that pad_token_id, whose initialisation zeroes
     the token's embedding row; every example starts with that token and bf16 training went NaN at step 1
-    on an H200 (benchmarks/results/diag_nopad_after_fix_h200.log). Now the tokenizer's eos is the
+    on an H200 (benchmarks/results/2026-12-03/diag_nopad_after_fix_h200.log). Now the tokenizer's eos is the
     end-of-turn token and the bench model has no pad_token_id, so no row is zeroed."""
     import sys
     from pathlib import Path
@@ -362,12 +362,12 @@ def test_step_trainer_clips_the_step_like_the_stock_trainer_and_returns_to_train
 
 
 def test_spy_summary_keeps_kernel_launches_and_leaves_out_compiling():
-    """benchmarks/spy_summary.py: samples that launch compiled kernels (torch/_inductor/runtime) are step time and
+    """benchmarks/diagnostics/spy_summary.py: samples that launch compiled kernels (torch/_inductor/runtime) are step time and
     stay; samples under dynamo's or inductor's compiler are left out; the backward thread is counted apart."""
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks" / "diagnostics"))
     from spy_summary import summarise
 
     loop = "main (b.py:1);Trainer._inner_training_loop (transformers/trainer.py:1602)"

@@ -2,20 +2,19 @@
 against SDPA run on each sequence alone, forward and backward, grouped-query heads, bf16 and fp32
 inputs under autocast (as QLoRA hands them). Prints relative errors; exits 1 if any is off.
 
-  python benchmarks/check_varlen.py
+  python benchmarks/diagnostics/check_varlen.py
 """
 
 from __future__ import annotations
 
-import inspect
 import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from peftbench_plugins.trainers.packing import _varlen_kernel, varlen_attention_available, varlen_attention_forward  # noqa: E402
+from peftbench_plugins.trainers.packing import varlen_attention_available, varlen_attention_forward  # noqa: E402
 
 
 def reference(q, k, v, lengths):
@@ -29,7 +28,7 @@ def reference(q, k, v, lengths):
 
 
 def main() -> int:
-    print("torch", torch.__version__, "| varlen_attn", inspect.signature(_varlen_kernel()) if _varlen_kernel() else None)
+    print("torch", torch.__version__)
     if not varlen_attention_available("cuda"):
         print("no varlen kernel on this machine")
         return 1

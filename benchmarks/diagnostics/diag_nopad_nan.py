@@ -3,7 +3,7 @@ had been saved by transformers 5.17 from the SmolLM2 GGUF (no pad token). This r
 2 steps with global forward/backward hooks and prints the first module whose output or gradient is
 not finite, and the tokenizer's special tokens.
 
-  python benchmarks/diag_nopad_nan.py SmolLM2.gguf SAMSUM_TRAIN.jsonl [--model-shape llama1b|tiny] [--runs lora,baseline]
+  python benchmarks/diagnostics/diag_nopad_nan.py SmolLM2.gguf SAMSUM_TRAIN.jsonl [--model-shape llama1b|tiny] [--runs lora,baseline]
 """
 import argparse
 import sys
@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/, for bench_train
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 import bench_train  # noqa: E402
 
 p = argparse.ArgumentParser()

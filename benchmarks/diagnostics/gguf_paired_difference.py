@@ -1,6 +1,6 @@
 """How sure is a GGUF's ROUGE-1 change against its HF model? The paired standard error.
 
-    python benchmarks/gguf_paired_difference.py runs/compare_samsum/lora-...-seed1 [RUN_DIR ...]
+    python benchmarks/diagnostics/gguf_paired_difference.py runs/compare_samsum/lora-...-seed1 [RUN_DIR ...]
 
 For each run directory and each predictions_gguf*.jsonl in it (what `peftbench run`/`peftbench export`
 wrote), compares every example's GGUF answer with its HF answer (predictions_finetuned.jsonl) through

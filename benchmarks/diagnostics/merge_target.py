@@ -6,7 +6,7 @@ weights dequantised (``nf4_roundtrip``). This script scores, on a finished run's
 the merged model for each target: ROUGE against the references and ROUGE-1 agreement with the run's
 unmerged answers (predictions_finetuned.jsonl), with the same batched greedy decoding.
 
-    python benchmarks/merge_target.py runs/compare_samsum/qlora-learning_rate0.0006-seed1 [--n 818]
+    python benchmarks/diagnostics/merge_target.py runs/compare_samsum/qlora-learning_rate0.0006-seed1 [--n 818]
 
 Prints one JSON line per target and writes them to RUN_DIR/merge_target.json.
 """

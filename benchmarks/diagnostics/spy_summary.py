@@ -1,7 +1,7 @@
 """Where a training step's host time goes, from a py-spy raw profile of bench_train.py.
 
   py-spy record -r 200 -f raw -o spy.txt -- python benchmarks/bench_train.py --runs lora_compiled ...
-  python benchmarks/spy_summary.py spy.txt [--top 40]
+  python benchmarks/diagnostics/spy_summary.py spy.txt [--top 40]
 
 Keeps the samples taken inside the Trainer's loop, leaves out the ones spent compiling (dynamo and
 inductor frames), and prints each frame's share of what is left (inclusive: a frame counts every

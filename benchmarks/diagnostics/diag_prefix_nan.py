@@ -2,7 +2,7 @@
 SAMSum batch through peftbench's own prefix_tuning plugin, in each combination of dtype, attention,
 padding side and prefix initialisation; prints loss, grad norm and where NaNs first appear.
 
-  python benchmarks/diag_prefix_nan.py MODEL(.gguf or dir) SAMSUM_TRAIN.jsonl     (needs CUDA)
+  python benchmarks/diagnostics/diag_prefix_nan.py MODEL(.gguf or dir) SAMSUM_TRAIN.jsonl     (needs CUDA)
 
 On one H200 (2026-12-01) every combination gave finite gradients (reports/compare_samsum.md, notes)."""
 import itertools
