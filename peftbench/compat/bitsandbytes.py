@@ -61,8 +61,8 @@ def guard_4bit_layers(model) -> int:
 
     Only CPU layers: bitsandbytes packs nothing on a GPU, and there the hook is worse than useless.
     Traced by torch.compile (trainer.compile: true, torch 2.11), the hook's reads of the weight sent
-    bitsandbytes 0.50.2's ``Params4bit.__torch_function__`` into endless recursion (QLoRA on an H200,
-    2026-12-04: RecursionError at the first step)."""
+    bitsandbytes 0.50.2's ``Params4bit.__torch_function__`` into endless recursion (a RecursionError at
+    the first QLoRA step on a GPU)."""
     try:
         from bitsandbytes.nn import Linear4bit
     except ImportError:

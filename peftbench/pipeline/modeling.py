@@ -67,10 +67,10 @@ def gguf_problem(path: Path) -> str | None:
     GGUFReader: the header and tensor table, no weights).
 
     gguf 0.19's GGUFReader parses every metadata field into numpy parts, and SmolLM2's 49,152-token
-    vocabulary makes that about 10 s of CPU a read. A comparison validates each of its 43 runs' recipes
-    before it starts one, and each run validates again: reading the same file every time kept an H200
-    idle for 5-11 minutes (2026-12-04). So the answer is cached per file version, and a GGUF already
-    dequantised into peftbench's cache (same path, size and mtime) was read whole and is not read again."""
+    vocabulary makes that seconds of CPU a read. A comparison validates each of its runs' recipes before
+    it starts one, and each run validates again: reading the same file every time kept the GPU idle for
+    minutes. So the answer is cached per file version, and a GGUF already dequantised into peftbench's
+    cache (same path, size and mtime) was read whole and is not read again."""
     stat = path.stat()
     if _is_complete(_cache_dir_for(path)):
         return None
@@ -131,8 +131,7 @@ def materialise_gguf_from_hub(repo: str, gguf_file: str) -> Path:
 def _materialise_once(source: str, gguf_file: str, target: Path) -> Path:
     """The cached checkpoint, written by exactly one process. Side-by-side runs (``--jobs``) all
     start by asking for it: without the lock, each dequantised on its own and one replaced the
-    folder while another was reading it (seen on the H200 with 21 runs: "no .safetensors weights",
-    "chat_template.jinja" not found). The lock is filelock's (a dependency of huggingface_hub)."""
+    folder while another was reading it ("no .safetensors weights", "chat_template.jinja" not found). The lock is filelock's (a dependency of huggingface_hub)."""
     from filelock import FileLock
 
     if _is_complete(target):

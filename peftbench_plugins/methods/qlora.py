@@ -17,16 +17,10 @@ class QloraOptions(LoraOptions):
     compute_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "bfloat16", description="dtype of the 4-bit matmuls; substituted with fp32 on the CPU"
     )
-    # Default: the NF4 round trip, the weights the adapter was trained against. Measured on SmolLM2-135M,
-    # a full SAMSum epoch of QLoRA (lr 2e-3, all linear layers, trained on an H200), exported on a 2-core
-    # AMD CPU and smoke-tested on 100 validation dialogues against the HF model's 46.93 ROUGE-1
-    # (2026-12-04): from the round trip Q4_K_M 46.03 (-0.90), Q5_K_M 46.37, Q8_0 45.82, agreement with
-    # the HF answers 79-88; from the original weights Q4_K_M 43.34 (-3.59), Q5_K_M 44.33, Q8_0 43.06,
-    # agreement 60-62. HF fp32 on the lesson's run (lr 2e-4, q/v, 100 held-out train dialogues):
-    # unmerged 40.15, round trip 39.61 (48 of 100 answers identical), original 38.62 (2 identical).
-    # Only the 17-step quickstart favoured the original weights (same AMD CPU, 60 chatsum test dialogues,
-    # HF 51.99: Q4_K_M 50.15 vs 47.95), where the adapter has learnt little to correct.
-    # merge_into=original remains for a base without NF4 error.
+    # Default: the NF4 round trip, the weights the adapter was trained against, so the merged model (and
+    # its GGUF) answers like the trained one; the adapter learnt to correct the NF4 error, and folding it
+    # into the original weights corrects an error that is no longer there (README, "merge_into", has the
+    # measurements). merge_into=original remains for a base without NF4 error.
     merge_into: MergeTarget = Field("nf4_roundtrip", description=MERGE_TARGET_HELP)
 
 
