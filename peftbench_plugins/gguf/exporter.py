@@ -66,21 +66,41 @@ class GgufExporter(ExporterPlugin):
         return merged_model_bytes(ctx.model, bytes_per_param=per_param)
 
     def export(self, options: GgufOptions, ctx) -> ExportResult:
-        out_dir = ctx.exports_dir / "gguf"
         checkpoint, merge_info = merged_checkpoint(ctx)
         times = {"merge_s": merge_info["merge_s"]}  # done here or, reused, by an earlier stage of this run
-
-        unquantized = out_dir / f"model-{options.convert_type}.gguf"
+        unquantized = ctx.exports_dir / "gguf" / f"model-{options.convert_type}.gguf"
         start = time.perf_counter()
         convert(checkpoint, unquantized, options.convert_type)
         times[f"convert_{options.convert_type}_s"] = round(time.perf_counter() - start, 2)
         console.print(f"converted {checkpoint} -> {unquantized} in {times[f'convert_{options.convert_type}_s']} s")
 
+        info: dict = {"quant_type": options.quant_types[0], "merged_from": str(checkpoint), "merge_reused": merge_info["reused"]}
+        files, problems, scores, quantizations = self._all_types(options, ctx, unquantized, times, info)
+        if str(unquantized) not in files.values():
+            files[f"gguf_{options.convert_type}"] = str(unquantized)
+        if options.smoke_unquantized and str(unquantized) != files["gguf"]:
+            start = time.perf_counter()
+            unquantized_scores, smoke_problems = smoke_in_run(unquantized, ctx, options.margin, f"gguf {options.convert_type}")
+            if unquantized_scores:
+                scores["gguf_unquantized"] = {**unquantized_scores, "quant_type": options.convert_type.upper()}
+            times[f"smoke_{options.convert_type}_s"] = round(time.perf_counter() - start, 2)
+            problems += smoke_problems
+        if not options.keep_unquantized and f"gguf_{options.convert_type}" in files:
+            unquantized.unlink()
+            del files[f"gguf_{options.convert_type}"]
+
+        sizes = {label: Path(path).stat().st_size for label, path in files.items()}
+        for entry in quantizations:
+            entry["size"] = Path(entry["file"]).stat().st_size
+        return ExportResult(files=files, sizes=sizes, info={**info, "times": times}, problems=problems, scores=scores)
+
+    def _all_types(self, options: GgufOptions, ctx, unquantized: Path, times: dict, info: dict):
+        """Every quantisation type asked for, each from the one conversion: (files, problems, scores for
+        eval.gguf, the types' entries). Adds to ``info`` what reports read of them."""
         types = options.quant_types
-        info: dict = {"quant_type": types[0], "merged_from": str(checkpoint), "merge_reused": merge_info["reused"]}
         files: dict[str, str] = {}
         problems: list[str] = []
-        all_scores: dict = {}  # eval.gguf (the first type) / eval.gguf_unquantized in run.json
+        scores: dict = {}  # eval.gguf (the first type) in run.json
         quantizations = []
         smoke_problems_by_type: dict[str, list[str]] = {}
         for i, quant_type in enumerate(types):
@@ -92,7 +112,7 @@ class GgufExporter(ExporterPlugin):
             if i == 0:
                 info.update({k: entry[k] for k in ("fallback_tensors", "checks") if k in entry})
                 if "smoke" in entry:
-                    all_scores["gguf"] = entry["smoke"]
+                    scores["gguf"] = entry["smoke"]
             quantizations.append({k: v for k, v in entry.items() if k != "smoke"} | {"smoke": smoke_summary(entry.get("smoke"))})
             problems += type_problems
             smoke_problems_by_type[quant_type] = type_smoke_problems
@@ -108,24 +128,7 @@ class GgufExporter(ExporterPlugin):
                     console.print(f"[yellow]note:[/] {problem}")
         else:
             problems += [p for found in smoke_problems_by_type.values() for p in found]
-        if str(unquantized) not in files.values():
-            files[f"gguf_{options.convert_type}"] = str(unquantized)
-
-        if options.smoke_unquantized and str(unquantized) != files["gguf"]:
-            start = time.perf_counter()
-            scores, smoke_problems = smoke_in_run(unquantized, ctx, options.margin, f"gguf {options.convert_type}")
-            if scores:
-                all_scores["gguf_unquantized"] = {**scores, "quant_type": options.convert_type.upper()}
-            times[f"smoke_{options.convert_type}_s"] = round(time.perf_counter() - start, 2)
-            problems += smoke_problems
-        if not options.keep_unquantized and f"gguf_{options.convert_type}" in files:
-            unquantized.unlink()
-            del files[f"gguf_{options.convert_type}"]
-
-        sizes = {label: Path(path).stat().st_size for label, path in files.items()}
-        for entry in quantizations:
-            entry["size"] = Path(entry["file"]).stat().st_size
-        return ExportResult(files=files, sizes=sizes, info={**info, "times": times}, problems=problems, scores=all_scores)
+        return files, problems, scores, quantizations
 
     def _one_type(self, options: GgufOptions, ctx, unquantized: Path, quant_type: str, key: str, times: dict):
         """Quantise (unless it is the converter's own type), check, and smoke-test one type:
