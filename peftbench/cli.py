@@ -334,7 +334,10 @@ def _plugin_command_parsers(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # loads the plugins, whose commands it lists
+    except PeftbenchError as e:
+        return _report_error(e)
     # Overrides may come before or after options (`run R --output-dir D a.b=1`); argparse stops
     # collecting a positional list at the first option, so gather the stragglers here.
     args, extra = parser.parse_known_args(argv)
@@ -354,17 +357,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PeftbenchError as e:
-        # Messages quote user input: escape it (a '[/x]' in a key would otherwise be rich markup)
-        # and keep it on one line.
-        problem, fix = (escape(" ".join(str(part).splitlines())) for part in (e.problem, e.fix or ""))
-        console.print(f"[bold red]error:[/] {problem}" + (f" [bold]Fix:[/] {fix}" if fix else ""), soft_wrap=True)
-        if os.environ.get(ERROR_FILE_ENV):  # a parent (a comparison) records why this run never started
-            Path(os.environ[ERROR_FILE_ENV]).write_text(" ".join(str(e).splitlines()), encoding="utf-8")
-        return EXIT_USAGE
+        return _report_error(e)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/] (resume with --resume)")
         return 130
 
 
-if __name__ == "__main__":
+
+def _report_error(e: PeftbenchError) -> int:
+    """A problem the user can fix: one line, exit code 2."""
+    # Messages quote user input: escape it (a '[/x]' in a key would otherwise be rich markup)
+    # and keep it on one line.
+    problem, fix = (escape(" ".join(str(part).splitlines())) for part in (e.problem, e.fix or ""))
+    console.print(f"[bold red]error:[/] {problem}" + (f" [bold]Fix:[/] {fix}" if fix else ""), soft_wrap=True)
+    if os.environ.get(ERROR_FILE_ENV):  # a parent (a comparison) records why this run never started
+        Path(os.environ[ERROR_FILE_ENV]).write_text(" ".join(str(e).splitlines()), encoding="utf-8")
+    return EXIT_USAGE
     sys.exit(main())
