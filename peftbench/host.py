@@ -1,4 +1,4 @@
-"""The plugin host: one pluggy manager, four registries filled through the hooks.
+"""The plugin host: one pluggy manager, five registries filled through the hooks.
 
 Built-in plugins (``peftbench_plugins``) load exactly like third-party ones; third-party plugins come
 from the ``peftbench`` entry-point group. ``PEFTBENCH_PLUGINS`` (comma-separated plugin names, or an
@@ -14,7 +14,7 @@ from functools import lru_cache
 import pluggy
 
 from peftbench import api
-from peftbench.api import DatasetPlugin, ExporterPlugin, MethodPlugin, Registry, TrainerPlugin
+from peftbench.api import CommandPlugin, DatasetPlugin, ExporterPlugin, MethodPlugin, Registry, TrainerPlugin
 from peftbench.console import console
 from peftbench.errors import PeftbenchError, did_you_mean
 
@@ -28,8 +28,7 @@ DEFAULT_PLUGINS = (
     "peftbench_plugins.trainers.hf",
     "peftbench_plugins.exporters.adapter",
     "peftbench_plugins.exporters.merged",
-    "peftbench_plugins.exporters.gguf",
-    "peftbench_plugins.exporters.ollama",
+    "peftbench_plugins.gguf",
 )
 ENTRY_POINT_GROUP = "peftbench"
 
@@ -42,11 +41,13 @@ class Host:
         self.methods: Registry[MethodPlugin] = Registry("method", MethodPlugin)
         self.trainers: Registry[TrainerPlugin] = Registry("trainer", TrainerPlugin)
         self.exporters: Registry[ExporterPlugin] = Registry("exporter", ExporterPlugin)
+        self.commands: Registry[CommandPlugin] = Registry("command", CommandPlugin)
         hooks = {
             "peftbench_register_datasets": self.datasets,
             "peftbench_register_methods": self.methods,
             "peftbench_register_trainers": self.trainers,
             "peftbench_register_exporters": self.exporters,
+            "peftbench_register_commands": self.commands,
         }
         # Call each implementation on its own so a duplicate names the plugin that caused it.
         for hook_name, registry in hooks.items():

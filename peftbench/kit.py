@@ -2,7 +2,7 @@
 
 A plugin imports two modules of peftbench: ``peftbench.api`` (hooks, base classes, typed results:
 the contract) and this one (helpers). Everything else in peftbench is internal and may change
-without notice; ``tests/test_boundary.py`` fails when a built-in plugin imports anything else, so
+without notice; ``tests/test_architecture.py`` fails when a built-in plugin imports anything else, so
 the built-in plugins show what a third-party plugin can do. docs/plugin-kit.md lists each helper.
 
 Tests of a plugin use the pytest plugin ``peftbench.testing`` (fixtures and a conformance class).
@@ -18,8 +18,12 @@ from peftbench.library_output import quiet_progress_bars, run_log
 # Native code that may crash (llama.cpp, CUDA kernels): run it in a child process.
 from peftbench.isolation import NativeCrash, run_isolated, run_isolated_side_by_side
 
-# Models: which modules to adapt, 4-bit bases, merging, sizes.
+# Models: which modules to adapt, 4-bit bases, merging, sizes. ``merged_checkpoint(ctx)``: the run's
+# exports/merged/ checkpoint, written once per adapter, for exporters that convert plain weights.
+from peftbench.pipeline.merging import merged_checkpoint
 from peftbench.pipeline.modeling import MERGE_TARGET_HELP, MergeTarget, base_for_merge, four_bit_config, load_tokenizer
+# The offline default model (a GGUF inside an installed package) and where a ``pkg:`` name lies.
+from peftbench.pipeline.modeling import OFFLINE_MODEL, resolve_package_file
 from peftbench.pipeline.resources import merged_model_bytes
 from peftbench.pipeline.targets import ARCHITECTURES, module_matches, resolve_targets, targets_for, wrap_with_peft
 
@@ -40,15 +44,22 @@ from peftbench.pipeline.record import first_non_finite
 from peftbench.pipeline.environment import cpu_flags
 from peftbench.pipeline.evaluation import ROUGE_TYPES, paired_rouge1_change, rouge
 
+# Reports (report sections a plugin contributes through the hooks): a Markdown table as the
+# reports write them; a run record's predictions file, read back.
+from peftbench.pipeline.report import markdown_table
+from peftbench.pipeline.evaluation import read_predictions
+
 __all__ = [
     "console", "atomic_directory", "atomic_write_json", "atomic_write_text", "dir_size", "human_bytes", "read_json",
     "quiet_progress_bars", "run_log",
     "NativeCrash", "run_isolated", "run_isolated_side_by_side",
-    "MERGE_TARGET_HELP", "MergeTarget", "base_for_merge", "four_bit_config", "load_tokenizer", "merged_model_bytes",
+    "merged_checkpoint", "MERGE_TARGET_HELP", "MergeTarget", "base_for_merge", "four_bit_config", "load_tokenizer", "merged_model_bytes",
+    "OFFLINE_MODEL", "resolve_package_file",
     "ARCHITECTURES", "module_matches", "resolve_targets", "targets_for", "wrap_with_peft",
     "IGNORE_INDEX", "build_messages", "encode_prompt", "end_of_turn", "prompt_settings",
     "load_examples",
     "unpack_4bit_layers", "clip_trainable_grad_norm", "load_finished_checkpoint",
     "free_gpu_memory", "memory_in_use_bytes", "peak_memory_bytes", "reset_peak_memory", "first_non_finite",
     "cpu_flags", "ROUGE_TYPES", "paired_rouge1_change", "rouge",
+    "markdown_table", "read_predictions",
 ]

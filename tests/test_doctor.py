@@ -11,6 +11,7 @@ import torch
 
 from peftbench import doctor
 from peftbench.cli import main
+from peftbench_plugins.gguf import doctor as gguf_doctor
 
 
 def _by_name(checks):
@@ -88,7 +89,7 @@ def test_optional_parts_only_warn(monkeypatch):
 
     monkeypatch.setattr(doctor.metadata, "version", version)
     monkeypatch.setattr(doctor, "LOW_DISK_BYTES", 2**62)
-    checks = doctor.check_bitsandbytes() + doctor.check_llama_cpp() + doctor.check_disk()
+    checks = doctor.check_bitsandbytes() + gguf_doctor.check_llama_cpp() + doctor.check_disk()
     assert [c.status for c in checks] == ["WARN"] * len(checks)
     assert "peftbench[quant]" in checks[0].fix and "peftbench[gguf]" in checks[1].fix
     assert doctor.exit_code(checks) == 0
@@ -98,7 +99,6 @@ def test_a_crashing_check_is_a_fail_line_not_a_traceback(monkeypatch):
     def crashing():
         raise OSError("driver went away")
 
-    monkeypatch.setattr(doctor, "CHECKS", (doctor.check_python, crashing))
-    checks = doctor.run_checks()
+    checks = doctor.run_checks([doctor.check_python, crashing])
     assert checks[-1].name == "crashing" and checks[-1].status == "FAIL"
     assert checks[-1].detail == "the check crashed: OSError: driver went away"

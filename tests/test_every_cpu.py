@@ -212,11 +212,11 @@ def crashing_answers(*args, progress=None, **kwargs):
 def test_a_llama_cpp_crash_in_the_smoke_test_is_a_failed_check(tmp_path, monkeypatch):
     """The exporters' smoke test: a crash is a problem line, and the caller (the run) goes on."""
     from peftbench.pipeline.recipe import PromptSection
-    from peftbench.smoke import smoke_test
+    from peftbench_plugins.gguf.smoke import smoke_test
 
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr("peftbench.smoke.answer_examples", crashing_answers)
+    monkeypatch.setattr("peftbench_plugins.gguf.smoke.answer_examples", crashing_answers)
     with pytest.raises(NativeCrash, match="killed by SIGSEGV") as caught:
         smoke_test(gguf, [{"id": "a", "dialogue": "A: hi", "summary": "A greets."}], PromptSection())
     assert "PEFTBENCH_LLAMA_EXTRA_BUFFERS=0" in caught.value.fix
@@ -225,14 +225,14 @@ def test_a_llama_cpp_crash_in_the_smoke_test_is_a_failed_check(tmp_path, monkeyp
 def test_smoke_command_reports_a_crash_in_one_line(tmp_path, tiny_data_dir, monkeypatch, capsys):
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
-    monkeypatch.setattr("peftbench.smoke.answer_examples", crashing_answers)
+    monkeypatch.setattr("peftbench_plugins.gguf.smoke.answer_examples", crashing_answers)
     assert main(["smoke", str(gguf), "--data", str(tiny_data_dir), "-n", "1"]) == 2
     out = " ".join(capsys.readouterr().out.split())
     assert "was killed by SIGSEGV" in out and "Traceback" not in out
 
 
 def test_extra_buffers_are_off_on_cpus_with_amx_or_avx512(monkeypatch):
-    from peftbench import smoke
+    from peftbench_plugins.gguf import llama as smoke
 
     monkeypatch.delenv("PEFTBENCH_LLAMA_EXTRA_BUFFERS", raising=False)
     monkeypatch.setattr(smoke, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16", "amx_tile", "amx_int8"})
@@ -276,19 +276,19 @@ def test_doctor_fails_without_the_guard_on_a_cpu_that_packs_4bit_weights(monkeyp
 
 
 def test_doctor_generation_fails_in_one_line_when_llama_cpp_crashes(monkeypatch):
-    from peftbench import doctor
+    from peftbench_plugins.gguf import doctor
 
     def crashed(*args, what, fix, **kwargs):
         raise NativeCrash(f"{what} was killed by SIGSEGV (a crash in native code).", fix)
 
     pytest.importorskip("llama_cpp")
-    monkeypatch.setattr("peftbench.isolation.run_isolated", crashed)
+    monkeypatch.setattr(doctor, "run_isolated", crashed)
     [check] = doctor.check_llama_generation()
     assert check.status == "FAIL" and "SIGSEGV" in check.detail and "PEFTBENCH_LLAMA_EXTRA_BUFFERS" in check.fix
 
 
 def test_doctor_generation_runs_the_offline_quantised_model():
-    from peftbench import doctor
+    from peftbench_plugins.gguf import doctor
 
     pytest.importorskip("llama_cpp")
     [check] = doctor.check_llama_generation()

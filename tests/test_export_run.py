@@ -207,7 +207,7 @@ def test_a_failed_export_keeps_run_json_whole(lora_run, tmp_path, monkeypatch, c
     def broken_converter(*args, **kwargs):
         raise PeftbenchError("llama.cpp's converter failed on 'x': boom", "fix it")
 
-    monkeypatch.setattr("peftbench_plugins.exporters.gguf.convert", broken_converter)
+    monkeypatch.setattr("peftbench_plugins.gguf.exporter.convert", broken_converter)
     assert main(["export", str(copy), "--to", "gguf"]) == 1
     capsys.readouterr()
     after = read_json(copy / "run.json")
@@ -222,7 +222,7 @@ def test_of_several_types_one_that_loses_quality_is_a_failed_row_not_a_failed_ex
     """Several quantisation types are a choice of file: a type whose smoke test fails is marked in the
     table and run.json, and the export passes while another type keeps the quality; when every type
     fails, the export fails."""
-    from peftbench_plugins.exporters import gguf as gguf_exporter
+    from peftbench_plugins.gguf import exporter as gguf_exporter
 
     real = gguf_exporter.smoke_in_run
     failing = {"gguf"}  # the first type's label (Q4_K_M)

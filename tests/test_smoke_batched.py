@@ -18,11 +18,13 @@ def test_batched_answers_are_the_one_at_a_time_answers():
     from peftbench.isolation import run_isolated
     from peftbench.pipeline.modeling import resolve_package_file
     from peftbench.pipeline.recipe import PromptSection
-    from peftbench.smoke import LLAMA_CRASH_FIX, answer_examples, load_examples
+    from peftbench.kit import load_examples
+    from peftbench_plugins.gguf.answering import answer_examples
+    from peftbench_plugins.gguf.llama import LLAMA_CRASH_FIX
     from peftbench.testing.tiny import OFFLINE_GGUF
 
     gguf = str(resolve_package_file(OFFLINE_GGUF))
-    examples = load_examples(None, 6)
+    examples = load_examples("chatsum", {}, 6)
     prompt = PromptSection(max_source_tokens=256)
     runs = {parallel: run_isolated(answer_examples, gguf, examples, prompt, 16, parallel, what="llama.cpp", fix=LLAMA_CRASH_FIX)
             for parallel in (1, 4)}
@@ -38,11 +40,12 @@ def test_answers_from_several_workers_are_the_answers_of_one_in_the_examples_ord
     count and the split of the examples must not change a single token."""
     from peftbench.pipeline.modeling import resolve_package_file
     from peftbench.pipeline.recipe import PromptSection
-    from peftbench.smoke import answer_in_workers, load_examples
+    from peftbench.kit import load_examples
+    from peftbench_plugins.gguf.smoke import answer_in_workers
     from peftbench.testing.tiny import OFFLINE_GGUF
 
     gguf = str(resolve_package_file(OFFLINE_GGUF))
-    examples = load_examples(None, 5)
+    examples = load_examples("chatsum", {}, 5)
     prompt = PromptSection(max_source_tokens=256)
     seen = []
     runs = {w: answer_in_workers(gguf, examples, prompt, 16, workers=w, progress=seen.append) for w in (1, 2)}

@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     from peftbench.pipeline.evaluation import generate_summaries, rouge
     from peftbench.pipeline.export_run import what_the_export_reads
     from peftbench.pipeline.recipe import load_recipe
-    from peftbench.smoke import read_predictions
+    from peftbench.kit import read_predictions
 
     recipe = load_recipe(args.run_dir / "recipe.yaml")
     r = recipe.recipe

@@ -20,7 +20,6 @@ from typing import Callable
 
 from peftbench.errors import PeftbenchError
 from peftbench.pipeline.evaluation import ROUGE_CONVENTION, ROUGE_TYPES
-from peftbench.pipeline.report import QUANT_COLUMNS, gguf_quantizations, markdown_table, quantization_row, smoke_examples
 from peftbench.files import atomic_write_text, human_bytes, read_json
 from peftbench.pipeline.environment import versions
 from peftbench.pipeline.record import first_non_finite
@@ -437,22 +436,12 @@ def _environment(runs: list[Run]) -> list[str]:
     return lines
 
 
-def _gguf_exports(runs: list[Run]) -> list[str]:
-    """One row per run and GGUF type, the columns of a run's own quantisation table."""
-    rows = []
-    for run in runs:
-        after = (run.record["run_info"].get("exports_after_run") or [{}])[-1]
-        method = (run.record["run_info"].get("recipe") or {}).get("method") or {}
-        merge_into = after.get("merge_into") or method.get("merge_into")
-        if method.get("load_in_4bit") is False:  # a 16-bit base: merge_into did not apply (exports before 2026-12-04 recorded it)
-            merge_into = None
-        where = "in the run" if not after else after.get("device", "?") + (f": {after['cpu']}" if after.get("cpu") else "")
-        quantizations = gguf_quantizations(run.record)
-        examples = smoke_examples(quantizations)
-        rows += [[run.name, where, merge_into or "—", str(examples or "—"), *quantization_row(q)] for q in quantizations]
-    if not rows:
-        return []
-    return markdown_table(["run", "exported on", "merged into", "examples", *QUANT_COLUMNS], rows, text_columns=3)
+def _plugin_sections(runs: list[Run]) -> list[str]:
+    """Sections plugins add (``peftbench_comparison_report_sections``), after the table of methods."""
+    from peftbench.host import get_host
+
+    records = [run.record for run in runs]
+    return [line for lines in get_host().pm.hook.peftbench_comparison_report_sections(records=records) for line in lines]
 
 
 def _notes(groups: list[Group]) -> list[str]:
@@ -518,13 +507,7 @@ def render_markdown(runs: list[Run], *, title: str, command: str = "", plots: li
         "",
     ]
     lines += _table(groups, _columns()) + [""]
-    gguf = _gguf_exports(runs)
-    if gguf:
-        lines += ["## GGUF exports", "",
-                  "Each exported run's GGUF files, smoke-tested with llama.cpp against that run's own HF model on the same",
-                  "examples: ROUGE-1 of both, the change, and agreement (ROUGE-1 of the GGUF's answers against the HF",
-                  "model's). The smoke test fails a file more than `gguf.margin` (default 1.5) ROUGE-1 below its HF model.",
-                  ""] + gguf + [""]
+    lines += _plugin_sections(runs)
     if any(g.grid for g in groups) or any(len(g.ok_runs) > 1 for g in groups):
         lines += ["## Ranking by ROUGE-1", "",
                   "A configuration whose mean is closer to the best's than the two configurations' standard deviations",

@@ -10,11 +10,14 @@ split into sentences first. Without that, a one-line prediction makes ROUGE-Lsum
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
+from peftbench.errors import PeftbenchError
 from peftbench.pipeline.chat import encode_prompt, stop_token_ids
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL", "rougeLsum")
@@ -172,3 +175,21 @@ def evaluate_model(model, tokenizer, prompt, dataset, options, progress=None) ->
     )
     seconds = time.perf_counter() - start
     return Evaluation(rouge(predictions, list(dataset["summary"])), predictions, seconds)
+
+
+def read_predictions(path: str | Path) -> dict[str, str]:
+    """id -> prediction from a predictions_*.jsonl file that a run wrote."""
+    path = Path(path)
+    if not path.is_file():
+        raise PeftbenchError(f"predictions file '{path}' does not exist.", "pass runs/<run>/predictions_finetuned.jsonl.")
+    out = {}
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            out[str(row["id"])] = row["prediction"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise PeftbenchError(f"line {i} of '{path}' is not a prediction record.",
+                                 "pass a predictions_*.jsonl written by `peftbench run` ({\"id\", \"prediction\", ...}).") from None
+    return out

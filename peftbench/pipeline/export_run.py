@@ -130,7 +130,7 @@ def export_run(run_dir: str | Path, *, to: list[str] = ("gguf",), quant_types: l
     """Export a finished run; returns its run.json (written into the run directory or ``output_dir``)."""
     from peftbench.pipeline.context import RunContext
     from peftbench.pipeline.record import RunRecord
-    from peftbench.pipeline.report import print_quantization_table, render_run_report
+    from peftbench.pipeline.report import render_run_report
     from peftbench.pipeline.runner import RunState, claim_run_dir, export, release_run_dir
 
     source = require_finished_run(Path(run_dir))
@@ -168,7 +168,6 @@ def export_run(run_dir: str | Path, *, to: list[str] = ("gguf",), quant_types: l
         atomic_write_text(target / "report.md", render_run_report(record.data))
         record.save()
     print_export_summary(record.data, recipe, target)
-    print_quantization_table(record.data)
     return record.data
 
 
@@ -208,7 +207,7 @@ def _require_same_examples(run_dir: Path, examples, first_n: int | None = None) 
     if not path.is_file():
         raise PeftbenchError(f"run '{run_dir}' has no predictions_finetuned.jsonl to check the GGUF against.",
                              "copy the whole run directory, its predictions included.")
-    from peftbench.smoke import read_predictions
+    from peftbench.pipeline.evaluation import read_predictions
 
     scored = read_predictions(path)
     missing = [str(i) for i in examples["id"] if str(i) not in scored]
@@ -236,11 +235,9 @@ def print_export_summary(record: dict, recipe, run_dir: Path) -> None:
         status = stage.get("status", "?") + (f": {stage['error']}" if stage.get("error") else "")
         table.add_row(plugin.name, status, files)
     console.print(table)
-    gguf = record.get("eval", {}).get("gguf")
-    if gguf and gguf.get("hf_rouge1_same_examples") is not None:
-        console.print(f"GGUF {gguf.get('quant_type')}: ROUGE-1 {gguf['rouge1']:.2f} vs the HF model's "
-                      f"{gguf['hf_rouge1_same_examples']:.2f} on the same {gguf['n']} examples, agreement "
-                      f"{gguf['agreement_with_hf']['rouge1']:.2f}, {gguf['ended_at_eot']} of {gguf['n']} ended at end-of-turn")
+    from peftbench.host import get_host
+
+    get_host().pm.hook.peftbench_print_run_summary(record=record)
     console.print(f"Recorded in [bold]{run_dir / 'run.json'}[/] and report.md")
 
 

@@ -10,7 +10,6 @@ from peftbench.console import console
 from peftbench.pipeline.evaluation import ROUGE_CONVENTION, ROUGE_TYPES
 from peftbench.files import human_bytes
 from peftbench.pipeline.environment import versions
-from peftbench.smoke import smoke_summary
 
 
 def rouge_rows(record: dict) -> list[tuple[str, list[str]]]:
@@ -35,8 +34,7 @@ def rouge_rows(record: dict) -> list[tuple[str, list[str]]]:
 
 
 def export_lines(record: dict) -> list[str]:
-    """Markdown: what each exporter wrote, how big, how long each step took, and how the GGUF's
-    answers compare with the fine-tuned model's."""
+    """Markdown: what each exporter wrote, how big, how long each step took."""
     exports = record.get("exports") or {}
     if not exports:
         return []
@@ -47,72 +45,14 @@ def export_lines(record: dict) -> list[str]:
         times = export.get("times") or ({"merge_s": export["merge_s"]} if "merge_s" in export else {})
         steps = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v} s" for k, v in times.items())
         lines.append(f"| {name} | {files} | {steps} |")
-    for key in ("gguf_unquantized", "gguf"):
-        gguf = record.get("eval", {}).get(key)
-        if gguf and gguf.get("agreement_with_hf"):
-            lines.append(f"\nGGUF {gguf.get('quant_type', '')} vs fine-tuned HF model on the same {gguf['n']} examples: "
-                         f"ROUGE-1 {gguf['rouge1']:.2f} vs {gguf['hf_rouge1_same_examples']:.2f}, agreement (ROUGE-1 of "
-                         f"GGUF answers against HF answers) {gguf['agreement_with_hf']['rouge1']:.2f}; "
-                         f"{gguf['ended_at_eot']} of {gguf['n']} answers ended at end-of-turn.")
     return lines
 
 
-QUANT_COLUMNS = ("type", "size", "ROUGE-1", "HF ROUGE-1", "change", "agreement", "tokens/s", "smoke")
+def plugin_sections(record: dict) -> list[str]:
+    """What plugins add to a run's report (``peftbench_run_report_sections``), below its exports."""
+    from peftbench.host import get_host
 
-
-def gguf_quantizations(record: dict) -> list[dict]:
-    """Each GGUF type the gguf exporter wrote, as ``{quant_type, size, smoke}`` with ``smoke`` the
-    exporter's summary of its smoke test (None where it did not run). The exporter lists them under
-    ``exports.gguf.quantizations`` when it wrote several types; a single type is read from
-    ``eval.gguf`` and the export's file size, so records of either kind give the same rows."""
-    gguf_export = (record.get("exports") or {}).get("gguf") or {}
-    if gguf_export.get("quantizations"):
-        return gguf_export["quantizations"]
-    scores = (record.get("eval") or {}).get("gguf")
-    if not gguf_export and not scores:
-        return []
-    quant_type = (scores or {}).get("quant_type") or gguf_export.get("quant_type")
-    return [{"quant_type": quant_type, "size": (gguf_export.get("sizes") or {}).get("gguf"), "smoke": smoke_summary(scores)}]
-
-
-def quantization_row(q: dict) -> list[str]:
-    """One GGUF type (an entry of ``gguf_quantizations``) as the QUANT_COLUMNS cells: file size, the smoke
-    test's ROUGE-1 against the references, the HF model's on the same examples, the difference,
-    agreement (ROUGE-1 of the GGUF's answers against the HF model's) and llama.cpp's generated tokens/s."""
-    smoke = q.get("smoke") or {}
-    return [str(q.get("quant_type") or "?"), human_bytes(q.get("size")), _num(smoke.get("rouge1")),
-            _num(smoke.get("hf_rouge1")), _change(smoke),
-            _num(smoke.get("agreement_rouge1")), _num(smoke.get("tokens_per_second"), ".1f"),
-            "not run" if not smoke else "passed" if smoke.get("passed") else "failed"]
-
-
-def quantization_rows(record: dict) -> list[list[str]]:
-    return [quantization_row(q) for q in gguf_quantizations(record)]
-
-
-def _change(smoke: dict) -> str:
-    """The GGUF's ROUGE-1 change against the HF model, ± its paired standard error where recorded
-    (smoke tests before 2026-12-04 did not record it)."""
-    se = smoke.get("delta_rouge1_se")
-    return _num(smoke.get("delta_rouge1"), "+.2f") + (f" ± {se:.2f}" if isinstance(se, (int, float)) else "")
-
-
-def _num(x, spec: str = ".2f") -> str:
-    return format(x, spec) if isinstance(x, (int, float)) else "n/a"
-
-
-def smoke_examples(quantizations: list[dict]) -> int | None:
-    """How many examples the smoke tests of these GGUF types (``gguf_quantizations``) answered; None if none ran."""
-    return next((q["smoke"]["n"] for q in quantizations if q.get("smoke")), None)
-
-
-def quantization_lines(record: dict) -> list[str]:
-    quantizations = gguf_quantizations(record)
-    if len(quantizations) < 2:  # one type: export_lines' sentence says it all
-        return []
-    n = smoke_examples(quantizations)
-    return ["", f"Quantisation types compared (llama.cpp smoke test on {n or 'no'} examples; pick the smallest file "
-                "that keeps the quality):", "", *markdown_table(QUANT_COLUMNS, [quantization_row(q) for q in quantizations])]
+    return [line for lines in get_host().pm.hook.peftbench_run_report_sections(record=record) for line in lines]
 
 
 def markdown_table(header, rows: list[list[str]], text_columns: int = 1) -> list[str]:
@@ -121,18 +61,6 @@ def markdown_table(header, rows: list[list[str]], text_columns: int = 1) -> list
     return (["| " + " | ".join(header) + " |",
              "| " + " | ".join(["---"] * text_columns + ["---:"] * (len(header) - text_columns)) + " |"]
             + ["| " + " | ".join(row) + " |" for row in rows])
-
-
-def print_quantization_table(record: dict) -> None:
-    rows = quantization_rows(record)
-    if len(rows) < 2:
-        return
-    table = Table(title="GGUF quantisation types (smoke test against the fine-tuned HF model)")
-    for col in QUANT_COLUMNS:
-        table.add_column(col, justify="left" if col in ("type", "smoke") else "right")
-    for row in rows:
-        table.add_row(*row)
-    console.print(table)
 
 
 def render_run_report(record: dict) -> str:
@@ -150,7 +78,7 @@ def render_run_report(record: dict) -> str:
     lines += [f"| {label} | " + " | ".join(vals) + " |" for label, vals in rouge_rows(record)]
     lines += ["", ROUGE_CONVENTION]
     lines += export_lines(record)
-    lines += quantization_lines(record)
+    lines += plugin_sections(record)
     lines += [
         "",
         "| training | value |",
@@ -196,7 +124,9 @@ def print_rouge_table(record: dict) -> None:
 
 def print_run_summary(record: dict, run_dir: Path) -> None:
     print_rouge_table(record)
-    print_quantization_table(record)
+    from peftbench.host import get_host
+
+    get_host().pm.hook.peftbench_print_run_summary(record=record)
     console.print(f"Run written to [bold]{run_dir}[/] (run.json, report.md, adapter/, predictions)")
 
 

@@ -1,1 +1,1 @@
-"""The built-in exporter plugins, one module each (gguf and ollama share llama.cpp checks from peftbench.smoke)."""
+"""The built-in exporter plugins, one module each (gguf and ollama live in the plugin package peftbench_plugins.gguf)."""

@@ -14,16 +14,17 @@ picks a template from the chat template stored in the GGUF itself.
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import Field
 
-from peftbench.api import ExporterPlugin, ExportResult, Options
-from peftbench.console import console
-from peftbench.errors import StageRefused
-from peftbench.api import hookimpl
+from peftbench.api import ExporterPlugin, ExportResult, Options, StageRefused
+from peftbench.kit import build_messages, console, end_of_turn
 
 ROLES = ("system", "user", "assistant")
 _SENTINELS = {role: f"\u2063PEFTBENCH_{role.upper()}_{i}\u2063" for i, role in enumerate(ROLES + ("user2",))}
@@ -87,8 +88,6 @@ def probe_conversations() -> list[list[dict]]:
 
 
 def template_pieces(tokenizer) -> TemplatePieces:
-    from peftbench.pipeline.chat import end_of_turn
-
     def render(messages, generation_prompt):
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
@@ -147,8 +146,6 @@ def go_template(p: TemplatePieces) -> str:
 
 def stop_tokens(tokenizer) -> list[str]:
     """End-of-turn token first, then eos if it differs: where generation must stop."""
-    from peftbench.pipeline.chat import end_of_turn
-
     stops = [end_of_turn(tokenizer)[1]]
     if tokenizer.eos_token and tokenizer.eos_token not in stops:
         stops.append(tokenizer.eos_token)
@@ -213,8 +210,6 @@ class OllamaExporter(ExporterPlugin):
         return 0  # a few lines of text beside the GGUF
 
     def export(self, options: OllamaOptions, ctx) -> ExportResult:
-        from peftbench.smoke import ollama_live_check, user_message
-
         previous = ctx.exports.get("gguf")
         gguf = previous.files.get("gguf") if previous else None
         if not gguf or not Path(gguf).is_file():
@@ -242,6 +237,41 @@ class OllamaExporter(ExporterPlugin):
                             info=info, problems=problems)
 
 
-@hookimpl
-def peftbench_register_exporters(register):
-    register(OllamaExporter)
+# --- the live check ----------------------------------------------------------------------------
+
+
+def ollama_live_check(modelfile: Path, prompt_text: str, timeout_s: int = 600) -> tuple[str, str]:
+    """``ollama create`` from the Modelfile, one prompt, ``ollama rm``: (status, detail) with status
+    ``passed``, ``failed`` or ``skipped``."""
+    binary = shutil.which("ollama")
+    if binary is None:
+        return "skipped", "no `ollama` binary on PATH (install Ollama to run the model in it)"
+    if not modelfile.is_file():
+        return "skipped", f"no Modelfile at {modelfile} (the ollama exporter writes one beside the GGUF)"
+    name = f"peftbench-smoke-{os.getpid()}"
+    try:
+        create = subprocess.run([binary, "create", name, "-f", str(modelfile)], capture_output=True, text=True,
+                                timeout=timeout_s, cwd=modelfile.parent)
+        if create.returncode != 0:
+            return "failed", f"ollama create failed: {_last_line(create.stderr or create.stdout)}"
+        run = subprocess.run([binary, "run", name, prompt_text], capture_output=True, text=True, timeout=timeout_s)
+        if run.returncode != 0:
+            return "failed", f"ollama run failed: {_last_line(run.stderr or run.stdout)}"
+        answer = run.stdout.strip()
+        if not answer:
+            return "failed", "ollama run answered nothing"
+        return "passed", answer
+    except subprocess.TimeoutExpired as e:
+        return "failed", f"ollama timed out after {e.timeout} s"
+    finally:
+        subprocess.run([binary, "rm", name], capture_output=True, text=True, timeout=60)
+
+
+def _last_line(text: str) -> str:
+    lines = [line for line in (text or "").strip().splitlines() if line.strip()]
+    return lines[-1] if lines else "(no output)"
+
+
+def user_message(prompt, dialogue: str) -> str:
+    """The user turn as trained (what to type into `ollama run`)."""
+    return build_messages(prompt, dialogue)[-1]["content"]
