@@ -32,8 +32,9 @@ class HfTrainerOptions(Options):
     max_tokens_per_batch: int | None = Field(16384, gt=0, description="with packing: most tokens in one forward/backward "
                                              "pass; a step's examples run in as few passes as fit (null: one pass per step)")
     compile: bool | Literal["auto"] = Field(
-        False, description="torch.compile the decoder layers (fused kernels, dynamic lengths) while training: the same "
-        "computation with fewer kernel launches; only on a GPU with triton, eager elsewhere; auto: wherever available")
+        "auto", description="torch.compile the decoder layers (fused kernels, dynamic lengths) while training: the same "
+        "computation with fewer kernel launches, after a first minute of compiling; only on a GPU with triton, eager "
+        "elsewhere; auto: wherever available")
     memory_lean: bool = Field(False, description="for small GPUs: gradient checkpointing and passes of at most 2048 tokens")
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
     lr_scheduler: str = Field("linear", description="transformers scheduler name (linear, cosine, constant_with_warmup, ...)")
