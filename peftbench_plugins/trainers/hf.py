@@ -111,7 +111,8 @@ class HfTrainer(TrainerPlugin):
         """``callbacks``: extra transformers TrainerCallbacks (benchmarks time the steps with one)."""
         from transformers import TrainingArguments
 
-        from peftbench_plugins.trainers.packing import compiled_layers, packed_attention, plan_steps, step_trainer_class
+        from peftbench_plugins.trainers.packing import (compiled_layers, fused_4bit_layers, packed_attention, plan_steps,
+                                                        step_trainer_class)
 
         policy = ctx.policy
         plan = plan_steps(model, tokenizer, train_dataset, options, policy.device)
@@ -182,7 +183,8 @@ class HfTrainer(TrainerPlugin):
             trainer._load_from_checkpoint(checkpoint)  # the weights, in the Trainer's own format for this model
             trainer.state = TrainerState.load_from_json(str(Path(checkpoint) / "trainer_state.json"))
         else:
-            with packed_attention(model, plan.varlen_attention), compiled_layers(model, plan.compile):
+            with packed_attention(model, plan.varlen_attention), compiled_layers(model, plan.compile), \
+                    fused_4bit_layers(model, plan.compile):
                 trainer.train(resume_from_checkpoint=checkpoint)
         seconds = time.perf_counter() - start
         _raise_if_diverged(trainer.state.log_history)

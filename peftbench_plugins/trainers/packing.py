@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -271,6 +272,121 @@ def compiled_layers(model, enabled: bool):
         for layer in layers:
             layer._compiled_call_impl = None  # what nn.Module.compile set: back to the eager forward
         torch._dynamo.config.suppress_errors = suppress
+
+
+# --- 4-bit layers under compilation ---------------------------------------------------------------
+#
+# bitsandbytes 0.50's 4-bit matmul for a training pass (thousands of rows) is its fallback: dequantise the
+# nested absmax, then the NF4 weight, then F.linear, each a Python call into bitsandbytes' own op, and the
+# backward dequantises again the same way. Inside a compiled layer these stay opaque calls: on an H100
+# (Llama-3.2-1B shape, 2026-12-05) bitsandbytes' ops took ~155 us of host time per forward call and ~80 per
+# backward, 112 of each per step, in a step bound by the host. Written as plain tensor operations, the same
+# dequantisation is one kernel that inductor generates and launches with the layer's other kernels. The result
+# is bit for bit bitsandbytes' (the same table lookups and float32 products, cast to the compute dtype; checked
+# on the CPU by tests/test_speed.py), and only the packed weight is kept for backward, as bitsandbytes keeps it.
+
+
+def dequantize_nf4(packed, absmax, code, shape, dtype, blocksize, nested=None):
+    """A bitsandbytes 4-bit weight as a ``dtype`` tensor of ``shape``, in tensor operations (no bitsandbytes).
+    ``packed``: uint8, two 4-bit codes a byte (high nibble first); ``absmax``: one scale per ``blocksize``
+    values, or with ``nested`` = (absmax2, code2, offset, blocksize2) uint8 indices into ``code2`` scaled per
+    ``blocksize2`` scales and shifted by ``offset`` (double quantisation)."""
+    if nested is not None:
+        absmax2, code2, offset, blocksize2 = nested
+        scales = _blockwise(code2[absmax.long()], absmax2, blocksize2)[: absmax.numel()] + offset
+    else:
+        scales = absmax.float()
+    flat = packed.reshape(-1)
+    codes = torch.stack((flat >> 4, flat & 15), dim=1).reshape(-1).long()
+    return _blockwise(code[codes], scales, blocksize)[: math.prod(shape)].to(dtype).reshape(shape)
+
+
+def _blockwise(values, scales, blocksize: int):
+    """values (float32, flat) times one scale per consecutive ``blocksize`` of them (the last block may be short)."""
+    short = (-values.numel()) % blocksize
+    if short:
+        values = torch.nn.functional.pad(values, (0, short))
+    return (values.reshape(-1, blocksize) * scales.reshape(-1, 1)).reshape(-1)
+
+
+class _Linear4bit(torch.autograd.Function):
+    """y = x W^T for a frozen 4-bit W: W dequantised in forward and again in backward, never kept."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, code, absmax2, code2, offset, meta):
+        shape, dtype, blocksize, blocksize2 = meta
+        nested = None if absmax2 is None else (absmax2, code2, offset, blocksize2)
+        weight = dequantize_nf4(packed, absmax, code, shape, dtype, blocksize, nested)
+        ctx.save_for_backward(packed, absmax, code, absmax2, code2, offset)
+        ctx.meta = meta
+        return x @ weight.t()
+
+    @staticmethod
+    def backward(ctx, grad):
+        packed, absmax, code, absmax2, code2, offset = ctx.saved_tensors
+        shape, dtype, blocksize, blocksize2 = ctx.meta
+        nested = None if absmax2 is None else (absmax2, code2, offset, blocksize2)
+        weight = dequantize_nf4(packed, absmax, code, shape, dtype, blocksize, nested)
+        return grad.to(weight.dtype) @ weight, None, None, None, None, None, None, None
+
+
+def _fused_4bit_forward(self, x):
+    packed, absmax, code, absmax2, code2, offset, meta = self._peftbench_nf4
+    dtype = meta[1]
+    out = _Linear4bit.apply(x.to(dtype), packed, absmax, code, absmax2, code2, offset, meta)
+    if self.bias is not None:
+        out = out + self.bias.to(dtype)
+    return out.to(x.dtype)
+
+
+def _fusable_4bit_layers(model) -> list:
+    """The model's bitsandbytes 4-bit layers that the fused forward can stand in for: on a GPU, unpacked,
+    with a compute dtype set and a frozen bias (or none)."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return []
+    layers = []
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if (isinstance(module, Linear4bit) and state is not None and module.weight.device.type == "cuda"
+                and module.compute_dtype is not None and not getattr(state, "packing_format_for_cpu", False)
+                and (module.bias is None or not module.bias.requires_grad)
+                and (not state.nested or state.state2 is not None)):
+            layers.append(module)
+    return layers
+
+
+@contextlib.contextmanager
+def fused_4bit_layers(model, enabled: bool):
+    """While training with compiled layers, bitsandbytes' 4-bit layers dequantise through
+    ``dequantize_nf4`` (fused by inductor into the layer's kernels) instead of bitsandbytes' own ops;
+    afterwards their own forward again."""
+    layers = _fusable_4bit_layers(model) if enabled else []
+    for module in layers:
+        install_fused_4bit(module)
+    try:
+        yield len(layers)
+    finally:
+        for module in layers:
+            remove_fused_4bit(module)
+
+
+def install_fused_4bit(module) -> None:
+    """``module`` (a bitsandbytes Linear4bit) computes through ``dequantize_nf4`` until ``remove_fused_4bit``."""
+    state = module.weight.quant_state
+    nested = state.nested
+    module._peftbench_nf4 = (
+        module.weight.data, state.absmax, state.code.to(module.weight.device, torch.float32),
+        state.state2.absmax if nested else None, state.state2.code if nested else None,
+        state.offset if nested else None,
+        (tuple(state.shape), module.compute_dtype, state.blocksize, state.state2.blocksize if nested else None))
+    module.forward = _fused_4bit_forward.__get__(module)
+
+
+def remove_fused_4bit(module) -> None:
+    del module.forward
+    del module._peftbench_nf4
 
 
 # --- memory --------------------------------------------------------------------------------------
