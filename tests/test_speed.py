@@ -432,9 +432,24 @@ def test_fused_4bit_dequantisation_is_bitsandbytes_bit_for_bit(nested, shape):
     try:
         got = layer(x)
         (got_grad,) = torch.autograd.grad(got.square().sum(), x)
+        # Compiled, with the partitioner inductor uses (min-cut), backward keeps the packed weight and its scales,
+        # never the dequantised weight (it did, a bf16 copy of every 4-bit weight, before the selective checkpoint).
+        from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+        from torch._dynamo.backends.common import aot_autograd
+
+        eager = lambda graph, _: make_boxed_func(graph.forward)  # noqa: E731
+        backend = aot_autograd(fw_compiler=eager, bw_compiler=eager, partition_fn=min_cut_rematerialization_partition)
+        torch._dynamo.reset()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            compiled = torch.compile(layer, dynamic=True, backend=backend)(x)
+        (compiled_grad,) = torch.autograd.grad(compiled.square().sum(), x)
     finally:
         speed.remove_fused_4bit(layer)
     assert "forward" not in vars(layer) and not hasattr(layer, "_peftbench_nf4")
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled_grad, expected_grad, rtol=1e-5, atol=1e-5)
+    assert saved and all(t.numel() <= layer.weight.numel() for t in saved), [(t.shape, t.dtype) for t in saved]
     assert not speed._fusable_4bit_layers(layer)  # only GPU layers are switched by the trainer
