@@ -17,6 +17,15 @@ the baseline; everything also goes to a JSON file.
   python benchmarks/bench_train.py --small
   # loss equivalence with real weights (a chat model directory or .gguf), curves to a PNG:
   python benchmarks/bench_train.py --model SmolLM2-135M-Instruct.Q4_1.gguf --runs baseline,qlora,qlora_seed2 ...
+  # the SmolLM2-135M shape with random weights (throughput and memory need no real weights):
+  python benchmarks/bench_train.py --shape smollm2 ...
+  # a run with options changed: NAME+option=value+..., trainer options (compile, optim, ...) or the
+  # method's (upcast_fp32, ...); round four's qlora defaults, say:
+  python benchmarks/bench_train.py --runs baseline,qlora,qlora+upcast_fp32=true+compile=false ...
+
+Speeds depend on the card and on the host that launches its kernels, and both change from one start of a
+lent machine to the next: every ratio printed is to the baseline run of the same invocation, and the card's
+name is printed with the figures (and written to the JSON file's "device").
 
 Throughput needs no real weights: the model is built from a config with random weights.
 """
@@ -40,12 +49,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 LLAMA_1B = dict(hidden_size=2048, intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
                 num_key_value_heads=8, vocab_size=128256, tie_word_embeddings=True, max_position_embeddings=4096,
                 rope_theta=500000.0)
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=8192,
+                    rope_theta=100000.0, rms_norm_eps=1e-5)
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
             vocab_size=49152, tie_word_embeddings=True, max_position_embeddings=1024)
 H100_BF16_PEAK = 989e12  # dense bf16 tensor-core FLOP/s of an H100 SXM (datasheet, no sparsity)
 EXAMPLES_PER_STEP = 16  # batch 4 x grad-accum 4, as in the lesson
 TIMING_WARMUP_STEPS = 5  # steps left out of the timing (allocator, cuBLAS, bitsandbytes, torch.compile warm-up)
 PROFILED_STEPS = 3  # the last steps: profiled in peftbench runs, so left out of every run's timing
+SHAPES = {"llama-1b": LLAMA_1B, "smollm2": SMOLLM2_135M, "tiny": TINY}
+SHAPE_TITLES = {"llama-1b": "Llama-3.2-1B", "smollm2": "SmolLM2-135M", "tiny": "tiny"}
 LEARNING = dict(learning_rate=2e-4, warmup_steps=2, lr_scheduler="linear")  # the same schedule for every run
 
 
@@ -56,6 +70,8 @@ def parse_args(argv=None):
     p.add_argument("--data", default=".cache/bench/samsum/train.jsonl", help="JSONL rows with dialogue and summary")
     p.add_argument("--tokenizer", default=None, help="tokenizer directory (default: the SmolLM2 tokenizer)")
     p.add_argument("--model", default=None, help="real weights (directory or .gguf) instead of a random Llama-3.2-1B shape")
+    p.add_argument("--shape", choices=sorted(SHAPES), default="llama-1b",
+                   help="the random-weight model's shape (without --model; --small means tiny)")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (16 examples each)")
     p.add_argument("--runs", default="baseline,qlora,qlora_lean,lora")
     p.add_argument("--learning-rate", type=float, default=LEARNING["learning_rate"],
@@ -171,6 +187,14 @@ def matmul_peak(device: str) -> float:
 # --- timing --------------------------------------------------------------------------------------
 
 
+def device_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    import platform
+
+    return f"cpu ({platform.processor() or platform.machine()})"
+
+
 def sync(device: str) -> None:
     if device == "cuda":
         torch.cuda.synchronize()
@@ -281,9 +305,10 @@ def run_baseline(model_dir, tokenizer, dataset, steps, device, seed, callbacks):
     return trainer.state, {"gradient_checkpointing": True, "packing": False}, model
 
 
-def run_peftbench(kind, model_dir, tokenizer, dataset, steps, device, seed, callbacks, **trainer_overrides):
+def run_peftbench(kind, model_dir, tokenizer, dataset, steps, device, seed, callbacks, overrides=None, **trainer_overrides):
     """peftbench's method plugin and hf trainer plugin, at their defaults (the qlora_samsum recipe's
-    method settings: r8, alpha 16, q/v, dropout 0.05; batch 4 x grad-accum 4, paged 8-bit AdamW)."""
+    method settings: r8, alpha 16, q/v, dropout 0.05; batch 4 x grad-accum 4, paged 8-bit AdamW).
+    ``overrides``: options changed (``run_function``), each the trainer's or else the method's."""
     from peftbench.pipeline.device import resolve_policy
     from peftbench.pipeline.modeling import load_model
     from peftbench_plugins.methods.lora import Lora
@@ -292,7 +317,15 @@ def run_peftbench(kind, model_dir, tokenizer, dataset, steps, device, seed, call
 
     policy = resolve_policy("auto")
     method = Qlora() if kind == "qlora" else Lora()
-    options = method.Options()
+    method_overrides = {}
+    for key, value in (overrides or {}).items():
+        if key in HfTrainerOptions.model_fields:
+            trainer_overrides[key] = value
+        elif key in method.Options.model_fields:
+            method_overrides[key] = value
+        else:
+            raise SystemExit(f"{key}: neither an hf trainer option nor a {kind} option")
+    options = method.Options(**method_overrides)
     model = load_model(model_dir, policy, quantization_config=method.quantization_config(options, policy))
     ctx = SimpleNamespace(policy=policy, run_dir=Path(tempfile.mkdtemp(prefix=f"bench-{kind}-")), resume=False,
                           recipe=SimpleNamespace(recipe=SimpleNamespace(seed=seed)))
@@ -315,7 +348,8 @@ def run_peftbench(kind, model_dir, tokenizer, dataset, steps, device, seed, call
         torch.cuda.reset_peak_memory_stats()
     HfTrainer().train(model, tokenizer, dataset, None, trainer_options, ctx, callbacks=[*callbacks, Capture()])
     return captured["state"], {"gradient_checkpointing": captured["gc"], "packing": trainer_options.packing,
-                               "policy_notes": list(policy.substitutions)}, model
+                               "compile": trainer_options.compile, "optim": trainer_options.optim,
+                               "overrides": dict(overrides or {}), "policy_notes": list(policy.substitutions)}, model
 
 
 RUNS = {
@@ -336,6 +370,25 @@ RUNS = {
     # tokens/s). Tried and left out: CUDA graphs over the compiled layers (inductor's reduce-overhead mode, packed rows
     # padded to 1024-token buckets) segfaulted in the first compiled backward (torch 2.11).
 }
+
+
+def run_function(name: str):
+    """The run ``name`` names: one of RUNS, or ``RUN+option=value+...`` (a peftbench run with trainer or method
+    options changed; values read as YAML: true, 16384, adamw_torch_fused); None for an unknown name."""
+    base, *changes = name.split("+")
+    if base not in RUNS or (changes and base == "baseline"):
+        return None
+    if not changes:
+        return RUNS[base]
+    import yaml
+
+    overrides = {}
+    for change in changes:
+        key, eq, value = change.partition("=")
+        if not eq or not key:
+            return None
+        overrides[key] = yaml.safe_load(value)
+    return lambda **kw: RUNS[base](**{**kw, "overrides": {**kw.get("overrides", {}), **overrides}})
 
 
 def _with_cpp_wrapper(run, *args, **kwargs):
@@ -434,13 +487,14 @@ def add_ratios(results: dict) -> None:
 def print_table(results: dict) -> None:
     cols = ["tokens_per_s", "peak_allocated_gib", "peak_reserved_gib", "mfu_h100", "mfu_measured_peak", "final_loss",
             "heldout_loss"]
-    print("\n" + " | ".join(["run".ljust(12)] + [c[:18].rjust(18) for c in cols]))
+    width = max([12, *map(len, results)])
+    print("\n" + " | ".join(["run".ljust(width)] + [c[:18].rjust(18) for c in cols]))
     for name, r in results.items():
         cells = []
         for c in cols:
             v, ratio = r.get(c), r.get("vs_baseline", {}).get(c)
             cells.append(("-" if v is None else f"{v:.4g}" + (f" ({ratio:.2f}x)" if ratio is not None else "")).rjust(18))
-        print(" | ".join([name.ljust(12)] + cells))
+        print(" | ".join([name.ljust(width)] + cells))
 
 
 def plot_curves(results: dict, path: str, title: str) -> None:
@@ -466,7 +520,7 @@ def main(argv=None) -> dict:
     if args.one_run:
         return one_run_main(args)
     runs = [r.strip() for r in args.runs.split(",") if r.strip()]
-    unknown = [r for r in runs if r not in RUNS]
+    unknown = [r for r in runs if run_function(r) is None]
     if unknown or not runs:
         problem = f"unknown run(s) {', '.join(unknown)}" if unknown else "no run named in --runs"
         raise SystemExit(f"{problem}; known: {', '.join(RUNS)}")
@@ -478,13 +532,18 @@ def main(argv=None) -> dict:
         model_dir, params = real_model(args.model, args.tokenizer)
         shape = "real weights: " + args.model
     else:
-        model_dir, shape_dict = workdir, (TINY if args.small else LLAMA_1B)
-        params = build_random_model(workdir, shape_dict, tokenizer, device)
-        shape = "random weights, " + ("tiny" if args.small else "Llama-3.2-1B") + " shape"
+        shape_name = "tiny" if args.small else args.shape
+        model_dir = workdir
+        params = build_random_model(workdir, SHAPES[shape_name], tokenizer, device)
+        shape = f"random weights, {SHAPE_TITLES[shape_name]} shape"
     peak = matmul_peak(device)
-    print(f"{shape}: {params:,} parameters; measured matmul peak {peak / 1e12:.1f} TFLOP/s on {device}")
+    card = device_name(device)
+    print(f"{shape}: {params:,} parameters; measured matmul peak {peak / 1e12:.1f} TFLOP/s on {card}")
+    print(f"card: {card}. Every ratio below is to the baseline run of this invocation, on this card and host: "
+          "speeds move between starts of a machine, so compare ratios only within one call.", flush=True)
     report = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "device": card,
+        "ratios": "each vs_baseline ratio is to the baseline run of this invocation (same card, same host, same call)",
         "torch": torch.__version__,
         "transformers": __import__("transformers").__version__,
         "peft": __import__("peft").__version__,
@@ -524,6 +583,7 @@ def main(argv=None) -> dict:
         write_profiles(args.profile_out, profiles)
     if args.plot:
         plot_curves(results, args.plot, f"{shape}, {report['device']}")
+    print(f"\n{shape}, {steps} steps of {EXAMPLES_PER_STEP} examples, on {card}; ratios to this call's baseline")
     print_table(results)
     print(f"\nwrote {out}")
     return report
@@ -541,7 +601,7 @@ def run_one(name, model_dir, tokenizer, dataset, heldout, steps, device, params,
         torch.cuda.empty_cache()
     start = time.perf_counter()
     try:
-        state, info, model = RUNS[name](model_dir=model_dir, tokenizer=tokenizer, dataset=dataset, steps=steps,
+        state, info, model = run_function(name)(model_dir=model_dir, tokenizer=tokenizer, dataset=dataset, steps=steps,
                                         device=device, seed=42, callbacks=callbacks)
     except Exception as e:  # one broken run must not cost the others (a GPU call is scarce)
         import traceback

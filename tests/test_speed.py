@@ -398,3 +398,58 @@ def test_bench_train_reports_a_run_whose_process_died_and_one_that_raised(tiny_m
     raised = bench_train.run_isolated("lora", tmp_path / "no-model", 1, 1.0,
                                       ["--small", "--tokenizer", str(tiny_model_dir), "--heldout", "2"])
     assert set(raised) == {"error"} and raised["error"].split(":")[0].endswith("Error")
+
+
+@pytest.mark.parametrize("nested", [True, False])
+@pytest.mark.parametrize("shape", [(128, 256), (96, 40)])  # the second ends in a short block of each kind
+def test_fused_4bit_dequantisation_is_bitsandbytes_bit_for_bit(nested, shape):
+    """trainer.compile on a GPU: 4-bit layers dequantise through packing.dequantize_nf4 (tensor operations that
+    inductor fuses) instead of bitsandbytes' ops. The weight is bitsandbytes' exactly, NF4 and FP4, with and without
+    double quantisation; the layer's output and input gradient are those of bitsandbytes' own Linear4bit."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from bitsandbytes.functional import dequantize_4bit, quantize_4bit
+
+    import peftbench_plugins.trainers.packing as speed
+
+    torch.manual_seed(0)
+    for quant_type in ("nf4", "fp4"):
+        for dtype in (torch.bfloat16, torch.float32):
+            weight = torch.randn(*shape, dtype=dtype)
+            packed, state = quantize_4bit(weight, blocksize=64, compress_statistics=nested, quant_type=quant_type)
+            extra = (state.state2.absmax, state.state2.code, state.offset, state.state2.blocksize) if nested else None
+            ours = speed.dequantize_nf4(packed, state.absmax, state.code, tuple(state.shape), state.dtype, state.blocksize, extra)
+            assert ours.dtype == dtype and torch.equal(ours, dequantize_4bit(packed, state))
+
+    layer = bnb.nn.Linear4bit(shape[1], shape[0], bias=False, compute_dtype=torch.float32, quant_type="nf4",
+                              compress_statistics=nested)
+    layer.weight = bnb.nn.Params4bit(torch.randn(*shape), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=nested, blocksize=64)._quantize("cpu")
+    layer.train()
+    x = torch.randn(2, 5, shape[1], requires_grad=True)
+    expected = layer(x)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), x)
+    speed.install_fused_4bit(layer)
+    try:
+        got = layer(x)
+        (got_grad,) = torch.autograd.grad(got.square().sum(), x)
+        # Compiled, with the partitioner inductor uses (min-cut), backward keeps the packed weight and its scales,
+        # never the dequantised weight (it did, a bf16 copy of every 4-bit weight, before the selective checkpoint).
+        from functorch.compile import make_boxed_func, min_cut_rematerialization_partition
+        from torch._dynamo.backends.common import aot_autograd
+
+        eager = lambda graph, _: make_boxed_func(graph.forward)  # noqa: E731
+        backend = aot_autograd(fw_compiler=eager, bw_compiler=eager, partition_fn=min_cut_rematerialization_partition)
+        torch._dynamo.reset()
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            compiled = torch.compile(layer, dynamic=True, backend=backend)(x)
+        (compiled_grad,) = torch.autograd.grad(compiled.square().sum(), x)
+    finally:
+        speed.remove_fused_4bit(layer)
+    assert "forward" not in vars(layer) and not hasattr(layer, "_peftbench_nf4")
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_grad, expected_grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled_grad, expected_grad, rtol=1e-5, atol=1e-5)
+    assert saved and all(t.numel() <= layer.weight.numel() for t in saved), [(t.shape, t.dtype) for t in saved]
+    assert not speed._fusable_4bit_layers(layer)  # only GPU layers are switched by the trainer

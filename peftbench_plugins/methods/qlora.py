@@ -22,6 +22,10 @@ class QloraOptions(LoraOptions):
     # into the original weights corrects an error that is no longer there (README, "merge_into", has the
     # measurements). merge_into=original remains for a base without NF4 error.
     merge_into: MergeTarget = Field("nf4_roundtrip", description=MERGE_TARGET_HELP)
+    upcast_fp32: bool | Literal["auto"] = Field(
+        "auto", description="cast the base's weights that stay unquantised (embeddings, norms, LM head) to fp32, as "
+        "peft's prepare_model_for_kbit_training does, which makes the residual stream fp32; auto: only with float16 "
+        "compute, whose range needs it. bfloat16 keeps them in bfloat16, like lora: thousands fewer casts a step")
 
 
 class Qlora(Lora):
@@ -39,10 +43,21 @@ class Qlora(Lora):
                                double_quant=options.double_quant, compute_dtype=options.compute_dtype)
 
     def apply(self, model, options: QloraOptions, ctx):
-        from peft import prepare_model_for_kbit_training
+        # What peft's prepare_model_for_kbit_training(use_gradient_checkpointing=False) does, minus the fp32 cast
+        # where bf16 suffices: freeze the base, and (for float16 compute, or when asked) cast the unquantised weights
+        # to fp32. Checkpointing is the trainer's decision (non-reentrant, so inputs need no gradient).
+        # Why not always fp32: an fp32 residual stream around bf16 matmuls costs a cast kernel at every layer
+        # boundary, doubles the activations kept for backward and keeps an fp32 copy of the embedding besides the
+        # bf16 one autocast makes of it each step; LoRA on a bf16 base trains with a bf16 residual stream
+        # (measurements: benchmarks/results/2026-12-05/README.md).
+        import torch
 
-        # Casts norms to fp32 and enables input gradients; checkpointing is the trainer's decision.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        for param in model.parameters():
+            param.requires_grad = False
+        if upcast_fp32(options.upcast_fp32, model):
+            for param in model.parameters():
+                if param.dtype in (torch.float16, torch.bfloat16) and param.__class__.__name__ != "Params4bit":
+                    param.data = param.data.to(torch.float32)
         return super().apply(model, options, ctx)
 
     def merge(self, model, options, ctx):
@@ -52,6 +67,15 @@ class Qlora(Lora):
 
         base = base_for_merge(ctx, options.merge_into)
         return PeftModel.from_pretrained(base, str(ctx.adapter_dir)).merge_and_unload()
+
+
+def upcast_fp32(asked: bool | str, model) -> bool:
+    """Whether ``upcast_fp32`` casts: as asked, or for ``auto`` when the unquantised weights are float16."""
+    import torch
+
+    if asked != "auto":
+        return bool(asked)
+    return any(p.dtype == torch.float16 for p in model.parameters() if p.__class__.__name__ != "Params4bit")
 
 
 @hookimpl

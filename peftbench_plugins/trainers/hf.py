@@ -29,15 +29,17 @@ class HfTrainerOptions(Options):
     max_tokens_per_batch: int | None = Field(16384, gt=0, description="with packing: most tokens in one forward/backward "
                                              "pass; a step's examples run in as few passes as fit (null: one pass per step)")
     compile: bool | Literal["auto"] = Field(
-        False, description="torch.compile the decoder layers (fused kernels, dynamic lengths) while training: the same "
-        "computation with fewer kernel launches; only on a GPU with triton, eager elsewhere; auto: wherever available")
+        "auto", description="torch.compile the decoder layers (fused kernels, dynamic lengths) while training: the same "
+        "computation with fewer kernel launches, after a first minute of compiling; only on a GPU with triton, eager "
+        "elsewhere; auto: wherever available")
     memory_lean: bool = Field(False, description="for small GPUs: gradient checkpointing and passes of at most 2048 tokens")
     learning_rate: float = Field(2e-4, gt=0, description="peak learning rate")
     lr_scheduler: str = Field("linear", description="transformers scheduler name (linear, cosine, constant_with_warmup, ...)")
     warmup_steps: int = Field(50, ge=0, description="optimiser steps of linear warm-up")
     weight_decay: float = Field(0.0, ge=0, description="decoupled weight decay")
     max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
-    optim: str = Field("paged_adamw_8bit", description="transformers optimiser name; 8-bit/paged fall back to adamw_torch without a GPU")
+    optim: str = Field("auto", description="transformers optimiser name; 8-bit/paged fall back to adamw_torch without a GPU; "
+                       "auto: adamw_torch_fused on a CUDA GPU (one fused update of every adapter tensor), else adamw_torch")
     gradient_checkpointing: bool | Literal["auto"] = Field(
         "auto", description="recompute activations in backward: less memory, ~30% slower; auto: only when memory_lean "
         "or when the largest pass's activations would not fit in the free GPU memory")
@@ -68,7 +70,7 @@ class HfTrainerOptions(Options):
         # transformers only checks these names when TrainingArguments is built, mid-run: check them here.
         from transformers.training_args import OptimizerNames
 
-        return _one_of(name, [o.value for o in OptimizerNames], "optimiser")
+        return name if name == "auto" else _one_of(name, [o.value for o in OptimizerNames], "optimiser")
 
     @field_validator("lr_scheduler")
     @classmethod
@@ -105,9 +107,7 @@ class HfTrainer(TrainerPlugin):
     def train(self, model, tokenizer, train_dataset, eval_dataset, options: HfTrainerOptions, ctx,
               callbacks=()) -> TrainResult:
         """``callbacks``: extra transformers TrainerCallbacks (benchmarks time the steps with one)."""
-        from transformers import TrainingArguments
-
-        from peftbench_plugins.trainers.packing import compiled_layers, packed_attention, plan_steps, step_trainer_class
+        from peftbench_plugins.trainers.packing import plan_steps, step_trainer_class
 
         policy = ctx.policy
         plan = plan_steps(model, tokenizer, train_dataset, options, policy.device)
@@ -116,44 +116,8 @@ class HfTrainer(TrainerPlugin):
         use_eval = options.eval_steps is not None and eval_dataset is not None and len(eval_dataset) > 0
         if use_eval and options.max_eval_samples:
             eval_dataset = eval_dataset.select(range(min(options.max_eval_samples, len(eval_dataset))))
-        args = TrainingArguments(
-            output_dir=str(ctx.run_dir / "checkpoints"),
-            num_train_epochs=options.epochs,
-            max_steps=options.max_steps or -1,
-            # Unless plan.stock, one Trainer batch is one optimiser step, which StepCollator splits into passes.
-            per_device_train_batch_size=plan.per_device_batch,
-            per_device_eval_batch_size=options.batch_size,
-            gradient_accumulation_steps=plan.grad_accum,
-            learning_rate=options.learning_rate,
-            lr_scheduler_type=options.lr_scheduler,
-            warmup_steps=options.warmup_steps,
-            weight_decay=options.weight_decay,
-            max_grad_norm=options.max_grad_norm,
-            optim=policy.optimizer(options.optim),
-            gradient_checkpointing=plan.gradient_checkpointing,
-            gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
-            bf16=policy.device == "cuda" and policy.dtype_name == "bfloat16",
-            fp16=policy.device == "cuda" and policy.dtype_name == "float16",
-            use_cpu=policy.device == "cpu",
-            logging_steps=options.logging_steps,
-            logging_first_step=True,
-            save_strategy="steps",
-            save_steps=options.save_steps,
-            save_total_limit=options.save_total_limit,
-            eval_strategy="steps" if use_eval else "no",
-            eval_steps=options.eval_steps if use_eval else None,
-            seed=ctx.recipe.recipe.seed,
-            data_seed=ctx.recipe.recipe.seed,
-            report_to=options.report_to or "none",
-            include_num_input_tokens_seen="non_padding" if plan.stock else "no",  # else StepTrainer counts them
-            remove_unused_columns=False,
-            dataloader_num_workers=0,
-            # Every trainable parameter of a PEFT method takes part in every forward pass, so DDP need
-            # not walk the autograd graph after each backward looking for unused ones.
-            ddp_find_unused_parameters=False,
-        )
+        args = training_arguments(options, plan, ctx, use_eval)
         memory = memory_sampler(policy.device)
-        learning = learning_guard(model)
         trainer = step_trainer_class()(
             model=model,
             args=args,
@@ -161,20 +125,10 @@ class HfTrainer(TrainerPlugin):
             eval_dataset=eval_dataset if use_eval else None,
             data_collator=plan.collator,
             processing_class=tokenizer,
-            callbacks=[memory, learning, *callbacks],
+            callbacks=[memory, learning_guard(model), *callbacks],
         )
-        # A 4-bit layer that an evaluation left packed (bitsandbytes on CPUs with AVX-512 BF16) would be
-        # unpacked by its forward hook, but DDP broadcasts rank 0's parameters when it wraps the model, before
-        # any forward: a packed weight has as many bytes in another layout and would scramble the others'.
-        unpack_4bit_layers(model)
-        reset_peak_memory(policy.device)
         start = time.perf_counter()
-        checkpoint = _last_checkpoint(args.output_dir) if ctx.resume else None
-        if checkpoint and _finished(checkpoint):
-            load_finished_checkpoint(trainer, checkpoint)  # nothing is left to train: take the checkpoint as it is
-        else:
-            with packed_attention(model, plan.varlen_attention), compiled_layers(model, plan.compile):
-                trainer.train(resume_from_checkpoint=checkpoint)
+        checkpoint = run_training(trainer, model, plan, ctx)
         seconds = time.perf_counter() - start
         _raise_if_diverged(trainer.state.log_history)
         losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
@@ -189,6 +143,78 @@ class HfTrainer(TrainerPlugin):
             memory_samples=memory.samples,
             resumed_from_step=int(checkpoint.rsplit("-", 1)[1]) if checkpoint else None,
         )
+
+
+def training_arguments(options: HfTrainerOptions, plan, ctx, use_eval: bool):
+    """transformers' TrainingArguments for the recipe's options and the step plan."""
+    from transformers import TrainingArguments
+
+    policy = ctx.policy
+    return TrainingArguments(
+        output_dir=str(ctx.run_dir / "checkpoints"),
+        num_train_epochs=options.epochs,
+        max_steps=options.max_steps or -1,
+        # Unless plan.stock, one Trainer batch is one optimiser step, which StepCollator splits into passes.
+        per_device_train_batch_size=plan.per_device_batch,
+        per_device_eval_batch_size=options.batch_size,
+        gradient_accumulation_steps=plan.grad_accum,
+        learning_rate=options.learning_rate,
+        lr_scheduler_type=options.lr_scheduler,
+        warmup_steps=options.warmup_steps,
+        weight_decay=options.weight_decay,
+        max_grad_norm=options.max_grad_norm,
+        optim=policy.optimizer(resolve_optimizer(options.optim, policy.device)),
+        gradient_checkpointing=plan.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if plan.gradient_checkpointing else None,
+        bf16=policy.device == "cuda" and policy.dtype_name == "bfloat16",
+        fp16=policy.device == "cuda" and policy.dtype_name == "float16",
+        use_cpu=policy.device == "cpu",
+        logging_steps=options.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=options.save_steps,
+        save_total_limit=options.save_total_limit,
+        eval_strategy="steps" if use_eval else "no",
+        eval_steps=options.eval_steps if use_eval else None,
+        seed=ctx.recipe.recipe.seed,
+        data_seed=ctx.recipe.recipe.seed,
+        report_to=options.report_to or "none",
+        include_num_input_tokens_seen="non_padding" if plan.stock else "no",  # else StepTrainer counts them
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        # Every trainable parameter of a PEFT method takes part in every forward pass, so DDP need
+        # not walk the autograd graph after each backward looking for unused ones.
+        ddp_find_unused_parameters=False,
+    )
+
+
+def run_training(trainer, model, plan, ctx) -> str | None:
+    """Train (or resume, or take a finished checkpoint as it is); the checkpoint resumed from, if any."""
+    from peftbench_plugins.trainers.packing import compiled_layers, fused_4bit_layers, packed_attention
+
+    # A 4-bit layer that an evaluation left packed (bitsandbytes on CPUs with AVX-512 BF16) would be
+    # unpacked by its forward hook, but DDP broadcasts rank 0's parameters when it wraps the model, before
+    # any forward: a packed weight has as many bytes in another layout and would scramble the others'.
+    unpack_4bit_layers(model)
+    reset_peak_memory(ctx.policy.device)
+    checkpoint = _last_checkpoint(trainer.args.output_dir) if ctx.resume else None
+    if checkpoint and _finished(checkpoint):
+        load_finished_checkpoint(trainer, checkpoint)  # nothing is left to train: take the checkpoint as it is
+    else:
+        with packed_attention(model, plan.varlen_attention), compiled_layers(model, plan.compile), \
+                fused_4bit_layers(model, plan.compile):
+            trainer.train(resume_from_checkpoint=checkpoint)
+    return checkpoint
+
+
+def resolve_optimizer(name: str, device: str) -> str:
+    """``auto``: torch's fused AdamW on a CUDA GPU, else adamw_torch; any other name as it is. An adapter's optimiser
+    state is megabytes, so bitsandbytes' paged 8-bit states save nothing there, and bitsandbytes 0.50's 8-bit
+    optimizers call torch.cuda.synchronize() after every tensor's update (``Optimizer8bit.step``), which stalls a
+    host-bound step (measured: benchmarks/results/2026-12-05/README.md)."""
+    if name != "auto":
+        return name
+    return "adamw_torch_fused" if device == "cuda" else "adamw_torch"
 
 
 def memory_sampler(device: str):

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -273,12 +274,130 @@ def compiled_layers(model, enabled: bool):
         torch._dynamo.config.suppress_errors = suppress
 
 
+# --- 4-bit layers under compilation ---------------------------------------------------------------
+#
+# bitsandbytes 0.50's 4-bit matmul for a training pass (thousands of rows) is its fallback: dequantise the
+# nested absmax, then the NF4 weight, then F.linear, each a Python call into bitsandbytes' own op, and the
+# backward dequantises again the same way. Inside a compiled layer these stay opaque calls, each with its own
+# Python dispatch and kernels, in a step bound by the host (profile: benchmarks/results/2026-12-05/). Written as plain tensor operations, the same
+# dequantisation is one kernel that inductor generates and launches with the layer's other kernels. The result
+# is bit for bit bitsandbytes' (the same table lookups and float32 products, cast to the compute dtype; checked
+# on the CPU by tests/test_speed.py), and only the packed weight is kept for backward, as bitsandbytes keeps it.
+
+
+def dequantize_nf4(packed, absmax, code, shape, dtype, blocksize, nested=None):
+    """A bitsandbytes 4-bit weight as a ``dtype`` tensor of ``shape``, in tensor operations (no bitsandbytes).
+    ``packed``: uint8, two 4-bit codes a byte (high nibble first); ``absmax``: one scale per ``blocksize``
+    values, or with ``nested`` = (absmax2, code2, offset, blocksize2) uint8 indices into ``code2`` scaled per
+    ``blocksize2`` scales and shifted by ``offset`` (double quantisation)."""
+    if nested is not None:
+        absmax2, code2, offset, blocksize2 = nested
+        scales = _blockwise(code2[absmax.long()], absmax2, blocksize2)[: absmax.numel()] + offset
+    else:
+        scales = absmax.float()
+    flat = packed.reshape(-1)
+    codes = torch.stack((flat >> 4, flat & 15), dim=1).reshape(-1).long()
+    return _blockwise(code[codes], scales, blocksize)[: math.prod(shape)].to(dtype).reshape(shape)
+
+
+def _blockwise(values, scales, blocksize: int):
+    """values (float32, flat) times one scale per consecutive ``blocksize`` of them (the last block may be short)."""
+    short = (-values.numel()) % blocksize
+    if short:
+        values = torch.nn.functional.pad(values, (0, short))
+    return (values.reshape(-1, blocksize) * scales.reshape(-1, 1)).reshape(-1)
+
+
+def _dequantize_matmul(x, packed, absmax, code, absmax2, code2, offset, meta):
+    shape, dtype, blocksize, blocksize2 = meta
+    nested = None if absmax2 is None else (absmax2, code2, offset, blocksize2)
+    return x @ dequantize_nf4(packed, absmax, code, shape, dtype, blocksize, nested).t()
+
+
+def _recompute_all_but_matmul(ctx, op, *args, **kwargs):
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.mm.default else CheckpointPolicy.MUST_RECOMPUTE
+
+
+def _fused_4bit_forward(self, x):
+    """y = x W^T for the frozen 4-bit W, dequantised in forward and again in backward, never kept between them.
+
+    The recomputation is a selective checkpoint: under torch.compile the partitioner decides what backward keeps, and
+    left to itself (a custom autograd.Function that saved only the packed weight) it kept W, a bf16 copy of every 4-bit
+    weight, which put QLoRA's peak above LoRA's on a bf16 base (benchmarks/results/2026-12-05/README.md). Marked
+    must-recompute, only the packed weight and its scales are kept (checked on
+    the CPU with inductor's partitioner: tests/test_speed.py)."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint, create_selective_checkpoint_contexts
+
+    packed, absmax, code, absmax2, code2, offset, meta = self._peftbench_nf4
+    dtype = meta[1]
+    out = checkpoint(_dequantize_matmul, x.to(dtype), packed, absmax, code, absmax2, code2, offset, meta,
+                     use_reentrant=False, context_fn=functools.partial(create_selective_checkpoint_contexts,
+                                                                        _recompute_all_but_matmul))
+    if self.bias is not None:
+        out = out + self.bias.to(dtype)
+    return out.to(x.dtype)
+
+
+def _fusable_4bit_layers(model) -> list:
+    """The model's bitsandbytes 4-bit layers that the fused forward can stand in for: on a GPU, unpacked,
+    with a compute dtype set and a frozen bias (or none)."""
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:
+        return []
+    layers = []
+    for module in model.modules():
+        state = getattr(getattr(module, "weight", None), "quant_state", None)
+        if (isinstance(module, Linear4bit) and state is not None and module.weight.device.type == "cuda"
+                and module.compute_dtype is not None and not getattr(state, "packing_format_for_cpu", False)
+                and (module.bias is None or not module.bias.requires_grad)
+                and (not state.nested or state.state2 is not None)):
+            layers.append(module)
+    return layers
+
+
+@contextlib.contextmanager
+def fused_4bit_layers(model, enabled: bool):
+    """While training with compiled layers, bitsandbytes' 4-bit layers dequantise through
+    ``dequantize_nf4`` (fused by inductor into the layer's kernels) instead of bitsandbytes' own ops;
+    afterwards their own forward again."""
+    layers = _fusable_4bit_layers(model) if enabled else []
+    for module in layers:
+        install_fused_4bit(module)
+    try:
+        yield len(layers)
+    finally:
+        for module in layers:
+            remove_fused_4bit(module)
+
+
+def install_fused_4bit(module) -> None:
+    """``module`` (a bitsandbytes Linear4bit) computes through ``dequantize_nf4`` until ``remove_fused_4bit``."""
+    state = module.weight.quant_state
+    nested = state.nested
+    module._peftbench_nf4 = (
+        module.weight.data, state.absmax, state.code.to(module.weight.device, torch.float32),
+        state.state2.absmax if nested else None, state.state2.code if nested else None,
+        state.offset if nested else None,
+        (tuple(state.shape), module.compute_dtype, state.blocksize, state.state2.blocksize if nested else None))
+    module.forward = _fused_4bit_forward.__get__(module)
+
+
+def remove_fused_4bit(module) -> None:
+    del module.forward
+    del module._peftbench_nf4
+
+
 # --- memory --------------------------------------------------------------------------------------
 
 # Activation bytes kept for backward, per token, per decoder layer, per unit of width: a rough
-# count for adapters on a frozen Llama-style decoder (QLoRA keeps the residual stream in fp32, hence
-# the hidden-size coefficient). It errs towards checkpointing: QLoRA on SmolLM2-135M with 8,208-token
-# passes peaked at 5.2 GiB for the whole run on an H200, against 8.8 GiB estimated for activations.
+# count for adapters on a frozen Llama-style decoder (with an fp32 residual stream, hence the hidden-size
+# coefficient). It errs towards checkpointing: measured peaks stayed well below its estimate
+# (benchmarks/results/2026-12-04/README.md).
 ACTIVATION_BYTES_PER_HIDDEN = 40
 ACTIVATION_BYTES_PER_INTERMEDIATE = 10
 CHECKPOINTING_MEMORY_FRACTION = 0.6  # of the free memory, what one pass's activations may take
@@ -410,8 +529,8 @@ def step_trainer_class():
         def training_step(self, model, inputs, num_items_in_batch=None):
             if "passes" not in inputs:
                 return super().training_step(model, inputs, num_items_in_batch)
-            # The stock training_step calls model.train() every step: a walk over every module (about 3% of a
-            # compiled SmolLM2 step's host time, py-spy on an H200, 2026-12-04). eval() and train() set the
+            # The stock training_step calls model.train() every step: a walk over every module, a visible share
+            # of a small model's host-bound step (py-spy, benchmarks/diagnostics/spy_summary.py). eval() and train() set the
             # whole tree, so the top module's flag says whether the walk has anything to do.
             if not model.training:
                 model.train()
