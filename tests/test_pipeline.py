@@ -35,6 +35,14 @@ def test_run_writes_a_complete_run_directory(tmp_path, write_recipe, tiny_model_
     meta = yaml.safe_load(card.split("---\n")[1])
     assert meta["base_model"] == str(tiny_model_dir) and meta["library_name"] == "peft" and "lora" in meta["tags"]
     assert f"| fine-tuned | {record['eval']['finetuned']['rouge1']:.2f} |" in card
+    # ... and the fine-tuned scores as Hub model-index results, as huggingface_hub reads them back.
+    from huggingface_hub import ModelCard
+
+    results = {r.metric_type: r for r in ModelCard(card).data.eval_results}
+    assert set(results) == {"rouge1", "rouge2", "rougeL", "rougeLsum"}
+    for metric, result in results.items():
+        assert result.metric_value == round(record["eval"]["finetuned"][metric], 2)
+        assert result.task_type == "summarization" and result.dataset_split == record["meta_info"]["dataset_info"]["eval_split"]
     assert "trainer:" in card and "max_steps: 3" in card
     predictions = read_jsonl(run_dir / "predictions_finetuned.jsonl")
     assert len(predictions) == 4 and {"id", "prediction", "reference"} <= set(predictions[0])

@@ -33,14 +33,40 @@ def invoking_command() -> str | None:
     return None
 
 
+ROUGE_METRICS = (("rouge1", "ROUGE-1"), ("rouge2", "ROUGE-2"), ("rougeL", "ROUGE-L"), ("rougeLsum", "ROUGE-Lsum"))
+
+
+def card_data(record: dict, recipe: dict):
+    """The card's Hub metadata (huggingface_hub's ModelCardData): base model, library, tags, dataset, and the
+    fine-tuned model's ROUGE as ``model-index`` results (EvalResult), which the Hub shows as an evaluation
+    table and papers-with-code style leaderboards read."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    model, method, dataset = recipe.get("model", {}), recipe.get("method", {}), recipe.get("dataset", {})
+    data_id = str(dataset.get("path") or dataset.get("name"))
+    split = record.get("meta_info", {}).get("dataset_info", {}).get("eval_split")
+    scores = record.get("eval", {}).get("finetuned")
+    results = [
+        EvalResult(task_type="summarization", task_name="Dialogue summarisation", dataset_type=data_id,
+                   dataset_name=str(dataset.get("name") or data_id), dataset_split=split, metric_type=key,
+                   metric_name=label, metric_value=round(float(scores[key]), 2),
+                   metric_args={"use_stemmer": True, "scale": "percent", "n": scores.get("n")},
+                   source_name="peftbench", source_url="https://pypi.org/project/peftbench/")
+        for key, label in ROUGE_METRICS if scores and key in scores
+    ]
+    return ModelCardData(
+        base_model=model.get("name"), library_name="peft", tags=["peftbench", str(method.get("name")), "summarization"],
+        datasets=[data_id], model_name=f"{Path(str(model.get('name'))).stem} {method.get('name')} adapter (peftbench)",
+        eval_results=results or None)
+
+
 def model_card(record: dict, recipe: dict) -> str:
-    """README.md for the adapter directory: Hub metadata, then what was trained on what, how, and how
-    it scored (peft writes a template README.md that says none of this)."""
+    """README.md for the adapter directory: Hub metadata with ``model-index`` results, then what was trained on
+    what, how, and how it scored (peft writes a template README.md that says none of this)."""
+    from huggingface_hub import ModelCard
+
     model, method = recipe.get("model", {}), recipe.get("method", {})
     dataset = recipe.get("dataset", {})
-    meta = {"base_model": model.get("name"), "library_name": "peft",
-            "tags": ["peftbench", str(method.get("name")), "summarization"],
-            "datasets": [dataset.get("path") or dataset.get("name")]}
     evals = record.get("eval", {})
     rows = ["| model | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | n |", "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for label, key in (("base model", "baseline"), ("fine-tuned", "finetuned")):
@@ -51,7 +77,6 @@ def model_card(record: dict, recipe: dict) -> str:
     split = record.get("meta_info", {}).get("dataset_info", {}).get("eval_split", "?")
     command = invoking_command()
     parts = [
-        "---\n" + yaml.safe_dump(meta, sort_keys=False) + "---\n",
         f"# {method.get('name')} adapter for {model.get('name')}\n",
         f"Trained with [peftbench](https://pypi.org/project/peftbench/): method `{method.get('name')}` on "
         f"`{dataset.get('path') or dataset.get('name')}`, {train.get('steps')} optimiser steps "
@@ -69,7 +94,7 @@ def model_card(record: dict, recipe: dict) -> str:
         (f"```bash\n{command}\n```\n" if command else "") + "The resolved recipe:\n",
         "```yaml\n" + yaml.safe_dump(recipe, sort_keys=False) + "```\n",
     ]
-    return "\n".join(parts)
+    return str(ModelCard("---\n" + card_data(record, recipe).to_yaml() + "\n---\n\n" + "\n".join(parts)))
 
 
 @hookimpl
