@@ -44,6 +44,11 @@ from peftbench.pipeline.record import first_non_finite
 from peftbench.pipeline.environment import cpu_flags
 from peftbench.pipeline.evaluation import ROUGE_TYPES, paired_rouge1_change, rouge
 
+# Forgetting: the language-modelling loss on general text (the built-in paragraphs or a JSONL file),
+# so that an exporter can score its own format on the same texts as the HF model.
+from peftbench.pipeline.forgetting import MAX_TEXT_TOKENS, TextLoss, text_loss
+from peftbench.pipeline.forgetting import load_texts as forgetting_texts
+
 # Reports (report sections a plugin contributes through the hooks): a Markdown table as the
 # reports write them; a run record's predictions file, read back.
 from peftbench.pipeline.report import markdown_table
@@ -61,5 +66,6 @@ __all__ = [
     "unpack_4bit_layers", "clip_trainable_grad_norm", "load_finished_checkpoint",
     "free_gpu_memory", "memory_in_use_bytes", "peak_memory_bytes", "reset_peak_memory", "first_non_finite",
     "cpu_flags", "ROUGE_TYPES", "paired_rouge1_change", "rouge",
+    "MAX_TEXT_TOKENS", "TextLoss", "text_loss", "forgetting_texts",
     "markdown_table", "read_predictions",
 ]

@@ -17,6 +17,7 @@ from pathlib import Path
 from peftbench.errors import PeftbenchError
 
 BUILTIN_TEXTS = Path(__file__).resolve().parents[1] / "data" / "general" / "general.jsonl"
+MAX_TEXT_TOKENS = 2048  # a longer text is scored on its first tokens (the GGUF probe cuts at the same length)
 
 
 @dataclass
@@ -75,4 +76,4 @@ def text_loss(model, tokenizer, texts: list[str]) -> TextLoss:
 def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text with the tokenizer's beginning-of-sequence token, if it has one."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
-    return [bos + tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    return [(bos + tokenizer(text, add_special_tokens=False)["input_ids"])[:MAX_TEXT_TOKENS] for text in texts]

@@ -45,10 +45,11 @@ def cpu_threads() -> int:
         return os.cpu_count() or 1
 
 
-def load_gguf(path: str | Path, n_ctx: int, threads: int | None = None):
+def load_gguf(path: str | Path, n_ctx: int, threads: int | None = None, logits_all: bool = False):
     """A llama_cpp.Llama for ``path``; problems become one-line PeftbenchErrors. ``threads``:
     llama.cpp's threads for decoding and prompts (default: llama-cpp-python's; on a busy machine more
-    threads spin at llama.cpp's barriers, so the smoke test passes every core it may use)."""
+    threads spin at llama.cpp's barriers, so the smoke test passes every core it may use). ``logits_all``: keep
+    every position's logits (``llm.scores``), for scoring text rather than generating."""
     path = require_gguf_file(path)
     try:
         import llama_cpp
@@ -56,7 +57,8 @@ def load_gguf(path: str | Path, n_ctx: int, threads: int | None = None):
         raise PeftbenchError("llama-cpp-python is not installed.", GGUF_FIX) from None
     try:
         with model_params_with_extra_buffers(use_extra_buffers()):
-            return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads, verbose=False)
+            return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                                   logits_all=logits_all, verbose=False)
     except ValueError as e:  # llama-cpp-python reports every load failure as ValueError
         raise PeftbenchError(f"llama.cpp could not load '{path}': {e}", "re-export it; check it with `python -m gguf.scripts.gguf_dump`.") from None
 
