@@ -497,10 +497,69 @@ def test_a_setting_chosen_at_the_end_of_its_grid_is_pointed_out(tmp_path):
     assert "beyond the grid" not in render_markdown([Run(r) for r in inside + [final]], title="t")
 
 
+def _searched(comparison, scores: dict[str, float]) -> dict:
+    """Records of finished search runs with the given ROUGE-1 (by configuration), as the runs would write them."""
+    records = {}
+    for run in comparison.runs:
+        if run.config in scores:
+            record = new_record(run.raw, experiment_name=run.name)
+            record["eval"]["finetuned"] = {"rouge1": scores[run.config], "rouge2": 0.0, "rougeL": 0.0, "rougeLsum": 0.0, "n": 4}
+            record["run_info"]["status"] = "success"
+            records[run.name] = record
+    return records
+
+
+def test_a_best_point_on_the_grid_edge_is_searched_past_it_a_bounded_number_of_times(tmp_path, base_file):
+    from peftbench.compare.plan import choose, extend_search
+
+    path = write_comparison(tmp_path, base=str(base_file), seeds=[1, 2], search={"extend": 2},
+                            methods=[{"method": "lora", "grid": {"trainer.learning_rate": [1e-4, 1e-3, 1e-2]}},
+                                     {"method": "bitfit", "grid": {"trainer.learning_rate": [1e-4, 1e-3, 1e-2]}}])
+    comparison = load_comparison(path, overrides=["evaluation.split=validation"])
+    # lora is best at the largest rate, bitfit inside its grid: only lora's grid grows, by the grid's ratio.
+    scores = {"lora-learning_rate0.0001": 20.0, "lora-learning_rate0.001": 25.0, "lora-learning_rate0.01": 30.0,
+              "bitfit-learning_rate0.0001": 20.0, "bitfit-learning_rate0.001": 28.0, "bitfit-learning_rate0.01": 21.0}
+    more, notes = extend_search(comparison, _searched(comparison, scores))
+    assert notes == [] and [(r.name, r.extension, r.phase) for r in more] == [("search/lora-learning_rate0.1", 1, "search")]
+    assert more[0].raw["trainer"]["learning_rate"] == 0.1 and more[0].raw["evaluation"]["split"] == "selection"
+    finals = comparison.candidates["lora-learning_rate0.1"]
+    assert [(r.name, r.raw["trainer"]["learning_rate"], r.raw["evaluation"]["split"]) for r in finals] == [
+        ("lora-learning_rate0.1-seed1", 0.1, "validation"), ("lora-learning_rate0.1-seed2", 0.1, "validation")]
+    # Still better past the edge: one more step; then the bound (extend: 2) stops it although it is still on the edge.
+    more, _ = extend_search(comparison, _searched(comparison, {**scores, "lora-learning_rate0.1": 31.0}))
+    assert [r.name for r in more] == ["search/lora-learning_rate1.0"] and more[0].extension == 2
+    records = _searched(comparison, {**scores, "lora-learning_rate0.1": 31.0, "lora-learning_rate1.0": 32.0})
+    assert extend_search(comparison, records) == ([], [])
+    chosen, lines = choose(comparison, records)
+    assert {r.name for r in chosen} == {"lora-learning_rate1.0-seed1", "lora-learning_rate1.0-seed2",
+                                        "bitfit-learning_rate0.001-seed1", "bitfit-learning_rate0.001-seed2"}
+    assert lines[0] == ("lora: trainer.learning_rate=1.0 (rouge1 32.00 on selection, best of 5); past the grid's edge: "
+                        "learning_rate=0.1 (31.00) -> learning_rate=1.0 (32.00)")
+    assert chosen[0].chosen_by["search_run"] == "search/lora-learning_rate1.0"
+    assert next(r for r in comparison.runs if r.extension == 2).annotation()["extension"] == 2
+
+
+def test_a_search_past_the_edge_stops_when_the_edge_stops_winning_and_skips_invalid_points(tmp_path, base_file):
+    from peftbench.compare.plan import extend_search
+
+    path = write_comparison(tmp_path, base=str(base_file), search={"extend": 3},
+                            methods=[{"method": "lora", "grid": {"method.dropout": [0.2, 0.1]}},
+                                     {"method": "bitfit", "label": "edge", "grid": {"trainer.warmup_steps": [4, 0]}}])
+    comparison = load_comparison(path, overrides=["evaluation.split=validation"])
+    # lora: the best is the smaller dropout, the next one halves it (the grid's ratio). edge: the best is 0 warm-up
+    # steps; the step past it (-4) is not a valid recipe, so it is named and not searched.
+    scores = {"lora-dropout0.2": 20.0, "lora-dropout0.1": 22.0, "edge-warmup_steps4": 20.0, "edge-warmup_steps0": 21.0}
+    more, notes = extend_search(comparison, _searched(comparison, scores))
+    assert [r.grid for r in more] == [{"method.dropout": 0.05}]
+    assert len(notes) == 1 and notes[0].startswith("edge: edge-warmup_steps-4 past the grid's edge was not searched: ")
+    # past the edge the score fell: the best is inside again, and nothing more is tried.
+    assert extend_search(comparison, _searched(comparison, {**scores, "lora-dropout0.05": 21.0}))[0] == []
+
+
 def test_search_then_seeds_end_to_end(tmp_path, base_file):
     """Two learning rates searched on a selection split carved from train, the better one trained with
     two seeds and scored on validation; two runs at a time; the report shows the search and the ties."""
-    path = write_comparison(tmp_path, base=str(base_file), seeds=[1, 2], search={"selection_size": 4, "max_steps": 1},
+    path = write_comparison(tmp_path, base=str(base_file), seeds=[1, 2], search={"selection_size": 4, "max_steps": 1, "extend": 0},
                             output_dir=str(tmp_path / "runs"), report=str(tmp_path / "cmp.md"),
                             methods=[{"method": "lora", "grid": {"trainer.learning_rate": [1e-5, 5e-3]}}])
     overrides = ["trainer.max_steps=2", "evaluation.max_samples=2", "evaluation.split=validation"]

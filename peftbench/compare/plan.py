@@ -36,6 +36,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from peftbench.compare.extension import outward_points
 from peftbench.errors import PeftbenchError
 from peftbench.host import Host, get_host
 from peftbench.pipeline.recipe import _describe as describe_errors  # recipes' wording for schema errors
@@ -70,6 +71,9 @@ class SearchSpec(BaseModel):
     max_steps: int | None = Field(
         None, gt=0, description="train each grid point for this many optimiser steps, the same for every method "
         "(a short-horizon search: cheaper, and the report says so); default: the final runs' budget")
+    extend: int = Field(
+        2, ge=0, description="when an entry's best point lies on the edge of a numeric grid axis, search the next point "
+        "past it (the grid's own spacing), up to this many times per entry; 0: the grid as given")
 
 
 class ComparisonRecipe(BaseModel):
@@ -109,6 +113,7 @@ class PlannedRun:
     raw: dict  # the recipe this run validates and runs
     notes: list[str] = field(default_factory=list)
     phase: str = "final"  # "search": a grid point scored on the search split, not reported as a result
+    extension: int = 0  # for a search run: 0 on the grid as given, k for the k-th step past its edge
     chosen_by: dict | None = None  # for the final runs of a search: the search split, metric and value
 
     def annotation(self) -> dict:
@@ -116,6 +121,8 @@ class PlannedRun:
         out = {"config": self.config, "label": self.label, "seed": self.seed, "grid": self.grid, "notes": self.notes}
         if self.phase != "final" or self.chosen_by:
             out.update(phase=self.phase, chosen_by=self.chosen_by)
+        if self.extension:
+            out["extension"] = self.extension
         return out
 
 
@@ -177,7 +184,7 @@ def expand(spec: ComparisonRecipe, overrides: list[str], host: Host) -> list[Pla
         grid = {**spec.grid, **_check_grid(entry.grid)}
         points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [{}]
         for point in points:
-            config = label + "".join(f"-{key.split('.')[-1]}{_safe(str(value))}" for key, value in point.items())
+            config = config_name(label, point)
             point_raw = copy.deepcopy(run_raw)
             for key, value in point.items():
                 set_key(point_raw, key, value)
@@ -190,6 +197,11 @@ def expand(spec: ComparisonRecipe, overrides: list[str], host: Host) -> list[Pla
                 planned.append(PlannedRun(name=name, config=config, label=label, seed=seed, grid=point,
                                           raw=seed_raw, notes=run_notes))
     return planned
+
+
+def config_name(label: str, point: dict[str, Any]) -> str:
+    """A configuration's directory name: its label, then each grid key's last part and value."""
+    return label + "".join(f"-{key.split('.')[-1]}{_safe(str(value))}" for key, value in point.items())
 
 
 def plan_search(search: SearchSpec, runs: list[PlannedRun]) -> tuple[list[PlannedRun], dict[str, list[PlannedRun]]]:
@@ -226,26 +238,96 @@ def plan_search(search: SearchSpec, runs: list[PlannedRun]) -> tuple[list[Planne
 def choose(comparison: Comparison, records: dict[str, dict]) -> tuple[list[PlannedRun], list[str]]:
     """After the search: per entry, the grid point with the best search metric (the first of equals,
     in grid order), and its runs per seed. Returns those runs and a line per entry saying what was
-    chosen, or that nothing finished."""
+    chosen (and the path past the grid's edge, if the search went there), or that nothing finished."""
     metric, chosen, lines = comparison.search.metric, [], []
     for label in dict.fromkeys(run.label for run in comparison.runs):
-        scored = []
-        for run in (r for r in comparison.runs if r.label == label):
-            record = records.get(run.name) or {}
-            value = (record.get("eval", {}).get("finetuned") or {}).get(metric)
-            if isinstance(value, (int, float)) and record["run_info"].get("status") == "success":
-                scored.append((value, run))
-        if not scored:
+        runs = [r for r in comparison.runs if r.label == label]
+        best = best_search_run(runs, records, metric)
+        if best is None:
             lines.append(f"{label}: no search run finished, so it has no final runs")
             continue
-        value, best = max(scored, key=lambda pair: pair[0])  # max keeps the first of equal values
-        by = {"split": comparison.search.split, "metric": metric, "value": value, "search_run": best.name}
-        for run in comparison.candidates[best.config]:
-            run.chosen_by = by
-            chosen.append(run)
-        grid = ", ".join(f"{k}={v}" for k, v in best.grid.items())
-        lines.append(f"{label}: {grid} ({metric} {value:.2f} on {comparison.search.split}, best of {len(scored)})")
+        value, run, scored = best
+        by = {"split": comparison.search.split, "metric": metric, "value": value, "search_run": run.name}
+        for final in comparison.candidates[run.config]:
+            final.chosen_by = by
+            chosen.append(final)
+        grid = ", ".join(f"{k}={v}" for k, v in run.grid.items())
+        lines.append(f"{label}: {grid} ({metric} {value:.2f} on {comparison.search.split}, best of {scored})"
+                     + _extension_path(runs, records, metric))
     return chosen, lines
+
+
+def best_search_run(runs: list[PlannedRun], records: dict[str, dict], metric: str) -> tuple[float, PlannedRun, int] | None:
+    """(score, run, how many scored) of the best finished search run, the first of equals; None if none finished."""
+    scored = [(value, run) for run in runs if (value := _search_score(records.get(run.name), metric)) is not None]
+    if not scored:
+        return None
+    value, run = max(scored, key=lambda pair: pair[0])  # max keeps the first of equal values
+    return value, run, len(scored)
+
+
+def _search_score(record: dict | None, metric: str) -> float | None:
+    value = ((record or {}).get("eval", {}).get("finetuned") or {}).get(metric)
+    if isinstance(value, (int, float)) and record["run_info"].get("status") == "success":
+        return float(value)
+    return None
+
+
+def extend_search(comparison: Comparison, records: dict[str, dict], host: Host | None = None) -> tuple[list[PlannedRun], list[str]]:
+    """Search runs one step past the grid's edge, for each entry whose best point so far lies on the edge of a
+    numeric axis and that has extensions left (``search.extend``); each with its final runs as candidates.
+    Returns the new search runs and a note for each point that could not be planned (its recipe invalid)."""
+    host, search, new, notes = host or get_host(), comparison.search, [], []
+    for label in dict.fromkeys(run.label for run in comparison.runs):
+        runs = [r for r in comparison.runs if r.label == label]
+        best = best_search_run(runs, records, search.metric)
+        step = max(r.extension for r in runs) + 1
+        if best is None or step > search.extend:
+            continue
+        for point in outward_points(best[1].grid, [r.grid for r in runs]):
+            try:
+                search_run, finals = _past_the_edge(comparison, best[1], point, step, host)
+            except PeftbenchError as e:
+                notes.append(f"{label}: {config_name(label, point)} past the grid's edge was not searched: {e.problem}")
+                continue
+            comparison.runs.append(search_run)
+            comparison.candidates[search_run.config] = finals
+            new.append(search_run)
+    return new, notes
+
+
+def _past_the_edge(comparison: Comparison, best: PlannedRun, point: dict, step: int, host: Host):
+    """The search run of ``point`` (a copy of ``best``'s with the grid point changed) and its final runs (copies of
+    ``best``'s), validated like every planned run."""
+    config = config_name(best.label, point)
+    search_raw = copy.deepcopy(best.raw)
+    for key, value in point.items():
+        set_key(search_raw, key, value)
+    search_run = PlannedRun(name=f"search/{config}", config=config, label=best.label, seed=best.seed, grid=point,
+                            raw=search_raw, notes=list(best.notes), phase="search", extension=step)
+    finals = []
+    for final in comparison.candidates[best.config]:
+        raw = copy.deepcopy(final.raw)
+        for key, value in point.items():
+            set_key(raw, key, value)
+        name = final.name.replace(final.config, config, 1)
+        finals.append(PlannedRun(name=name, config=config, label=final.label, seed=final.seed, grid=point, raw=raw,
+                                 notes=list(final.notes)))
+    _validate_all(comparison.source, [search_run, *finals], host)
+    return search_run, finals
+
+
+def _extension_path(runs: list[PlannedRun], records: dict[str, dict], metric: str) -> str:
+    """``; past the grid's edge: learning_rate=0.018 (31.20), learning_rate=0.054 (30.10)``, or nothing."""
+    past = sorted((r for r in runs if r.extension), key=lambda r: r.extension)
+    if not past:
+        return ""
+    steps = []
+    for run in past:
+        value = _search_score(records.get(run.name), metric)
+        grid = ", ".join(f"{k.split('.')[-1]}={v}" for k, v in run.grid.items())
+        steps.append(f"{grid} ({'failed' if value is None else f'{value:.2f}'})")
+    return "; past the grid's edge: " + " -> ".join(steps)
 
 
 def _load_base(base: str | dict) -> dict:

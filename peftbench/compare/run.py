@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from peftbench.compare.plan import Comparison, PlannedRun, choose
+from peftbench.compare.plan import Comparison, PlannedRun, choose, extend_search
 from peftbench.compare.report import write_report
 from peftbench.console import console
 from peftbench.errors import ERROR_FILE_ENV, PeftbenchError
@@ -53,6 +53,7 @@ def run_comparison(comparison: Comparison, *, resume: bool = False, overwrite: b
     runner = _Runner(comparison, resume=resume, overwrite=overwrite, child_args=list(child_args), jobs=jobs)
     done = runner.run_all(comparison.runs, "search run" if comparison.search else "comparison run")
     if comparison.search:
+        done.update(_search_past_edges(comparison, runner, done))
         finals, lines = choose(comparison, {run.name: record for run, record in done.items()})
         console.rule("[bold]settings chosen on the " + comparison.search.split + " split")
         for line in lines:
@@ -67,6 +68,22 @@ def run_comparison(comparison: Comparison, *, resume: bool = False, overwrite: b
     console.print(f"Report written to [bold]{comparison.report_path}[/]"
                   + (f"; [red]{len(failed)} failed:[/] {', '.join(failed)}" if failed else ""))
     return records
+
+
+def _search_past_edges(comparison: Comparison, runner: "_Runner", done: dict) -> dict:
+    """While an entry's best point lies on its grid's edge (and ``search.extend`` allows), search one step past it."""
+    extra: dict = {}
+    noted: set[str] = set()
+    while True:
+        more, notes = extend_search(comparison, {run.name: record for run, record in {**done, **extra}.items()})
+        for note in dict.fromkeys(notes).keys() - noted:
+            console.print(f"[yellow]note:[/] {note}")
+            noted.add(note)
+        if not more:
+            return extra
+        for run in more:
+            console.print(f"{run.label}: the best point so far lies on the grid's edge; searching {run.config}")
+        extra.update(runner.run_all(more, "search run past the grid's edge"))
 
 
 class _Runner:
