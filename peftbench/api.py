@@ -5,20 +5,21 @@ A plugin class names itself (``name``), declares its options as a pydantic model
 every field with a description: that is the help text recipes and ``peftbench methods`` show) and
 implements a few methods; methods declare ``Capabilities`` that the host, exporters, reports and
 tests read. Stages return typed results (``LoadedDataset``, ``TrainResult``, ``ExportResult``).
-What a stage sees of the run is ``RunContext`` (a Protocol: the pipeline's context satisfies it).
+What a stage sees of the run is ``RunContext``: the pipeline's own run state, with ``ctx.record`` the
+typed run.json so far (``peftbench.pipeline.record.RunRecord``), to read.
 The host that loads plugins is ``peftbench.host``; the runner only ever talks to these interfaces.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Literal, TYPE_CHECKING, Any, ClassVar, Generic, Protocol, TypeVar
+from typing import Literal, TYPE_CHECKING, Any, ClassVar, Generic, TypeVar
 
 import pluggy
 from pydantic import BaseModel, ConfigDict
 
 from peftbench.errors import PeftbenchError, StageRefused, did_you_mean
+from peftbench.pipeline.context import RunContext
 from peftbench.pipeline.resources import merged_model_bytes
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
@@ -46,29 +47,6 @@ class Capabilities:
 
     def as_dict(self) -> dict[str, Any]:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
-
-
-class RunContext(Protocol):
-    """What every stage of a run can see (``peftbench.pipeline.context.RunContext`` implements it)."""
-
-    recipe: Any  # the validated recipe: .recipe (typed sections), .method, .method_options, ...
-    run_dir: Path
-    policy: Any  # peftbench.pipeline.device.DevicePolicy: device, dtypes
-    model_source: str  # what from_pretrained loads the base model from (a directory or hub id)
-    tokenizer: Any
-    model: Any  # the model being trained (a PeftModel for peft methods)
-    resume: bool
-    eval_dataset: Any  # the examples evaluation scores (exporters' smoke tests score the same)
-    exports: dict[str, ExportResult]  # what the exporters before this one returned, by exporter name
-    record: dict  # run.json so far, read-only: plugins return results, the runner records them
-
-    @property
-    def adapter_dir(self) -> Path: ...
-
-    @property
-    def exports_dir(self) -> Path: ...
-
-    def load_base_model(self, *, quantized: bool | None = None): ...
 
 
 @dataclass

@@ -20,9 +20,10 @@ GOLDEN = Path(__file__).parent / "golden"
 def rendered(tmp: Path) -> dict[str, str]:
     """Every golden report's text, by file name, rendered into ``tmp``."""
     from peftbench.compare.report import write_report
+    from peftbench.pipeline.record import RunRecord
     from peftbench.pipeline.report import render_run_report
 
-    out = {f"{name}.md": render_run_report(record) for name, record in fixtures.single_runs().items()}
+    out = {f"{name}.md": render_run_report(RunRecord.from_json(record)) for name, record in fixtures.single_runs().items()}
     comparison = fixtures.write_runs(tmp / "compare_fixture", fixtures.comparison())
     separate = fixtures.write_runs(tmp / "separate", fixtures.separate_runs())
     reports = {"compare_fixture.md": [comparison], "separate_runs.md": [separate / name for name in sorted(
