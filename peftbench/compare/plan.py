@@ -40,7 +40,7 @@ from peftbench.errors import PeftbenchError
 from peftbench.host import Host, get_host
 from peftbench.pipeline.recipe import _describe as describe_errors  # recipes' wording for schema errors
 from peftbench.pipeline.recipe import apply_overrides, read_recipe_file, set_key, validate_recipe
-from peftbench.pipeline.record import default_run_dir
+from peftbench.pipeline.record import RunRecord, default_run_dir
 
 # hf trainer options that fix how much data a run sees: equal across runs unless a grid varies them.
 BUDGET_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum")
@@ -223,7 +223,7 @@ def plan_search(search: SearchSpec, runs: list[PlannedRun]) -> tuple[list[Planne
     return searched, candidates
 
 
-def choose(comparison: Comparison, records: dict[str, dict]) -> tuple[list[PlannedRun], list[str]]:
+def choose(comparison: Comparison, records: dict[str, RunRecord]) -> tuple[list[PlannedRun], list[str]]:
     """After the search: per entry, the grid point with the best search metric (the first of equals,
     in grid order), and its runs per seed. Returns those runs and a line per entry saying what was
     chosen, or that nothing finished."""
@@ -231,10 +231,10 @@ def choose(comparison: Comparison, records: dict[str, dict]) -> tuple[list[Plann
     for label in dict.fromkeys(run.label for run in comparison.runs):
         scored = []
         for run in (r for r in comparison.runs if r.label == label):
-            record = records.get(run.name) or {}
-            value = (record.get("eval", {}).get("finetuned") or {}).get(metric)
-            if isinstance(value, (int, float)) and record["run_info"].get("status") == "success":
-                scored.append((value, run))
+            record = records.get(run.name)
+            tuned = record.eval.get("finetuned") if record else None
+            if tuned is not None and record.run_info.status == "success":
+                scored.append((tuned.rouge(metric), run))
         if not scored:
             lines.append(f"{label}: no search run finished, so it has no final runs")
             continue
