@@ -5,7 +5,9 @@ A plugin class names itself (``name``), declares its options as a pydantic model
 every field with a description: that is the help text recipes and ``peftbench methods`` show) and
 implements a few methods; methods declare ``Capabilities`` that the host, exporters, reports and
 tests read. Stages return typed results (``LoadedDataset``, ``TrainResult``, ``ExportResult``).
-What a stage sees of the run is ``RunContext`` (a Protocol: the pipeline's context satisfies it).
+What a stage sees of the run is ``RunContext``: the pipeline's own run state, with ``ctx.record`` the
+typed run.json so far (``RunRecord``, exported here), to read. The report hooks receive the same typed
+``RunRecord``.
 The host that loads plugins is ``peftbench.host``; the runner only ever talks to these interfaces.
 
 Errors a plugin raises for the user (``PeftbenchError``: a problem and its fix; ``StageRefused``: a
@@ -16,13 +18,14 @@ stage declines this configuration) come from here too. Helpers a plugin may call
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Generic, Literal, TypeVar
 
 import pluggy
 from pydantic import BaseModel, ConfigDict
 
 from peftbench.errors import PeftbenchError, StageRefused, did_you_mean  # PeftbenchError, StageRefused: for plugins
+from peftbench.pipeline.context import RunContext
+from peftbench.pipeline.record import RunRecord  # the run record report hooks receive (and ``RunContext.record``)
 from peftbench.pipeline.resources import merged_model_bytes
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
@@ -63,29 +66,6 @@ class Capabilities:
     def as_dict(self) -> dict[str, Any]:
         return {"mergeable": self.mergeable, "needs_quantized_base": self.needs_quantized_base,
                 "uses_peft": self.uses_peft, "notes": self.notes, "provides": sorted(self.provides)}
-
-
-class RunContext(Protocol):
-    """What every stage of a run can see (``peftbench.pipeline.context.RunContext`` implements it)."""
-
-    recipe: Any  # the validated recipe: .recipe (typed sections), .method, .method_options, ...
-    run_dir: Path
-    policy: Any  # peftbench.pipeline.device.DevicePolicy: device, dtypes
-    model_source: str  # what from_pretrained loads the base model from (a directory or hub id)
-    tokenizer: Any
-    model: Any  # the model being trained (a PeftModel for peft methods)
-    resume: bool
-    eval_dataset: Any  # the examples evaluation scores (exporters' smoke tests score the same)
-    exports: dict[str, ExportResult]  # what the exporters before this one returned, by exporter name
-    record: dict  # run.json so far, read-only: plugins return results, the runner records them
-
-    @property
-    def adapter_dir(self) -> Path: ...
-
-    @property
-    def exports_dir(self) -> Path: ...
-
-    def load_base_model(self, *, quantized: bool | None = None): ...
 
 
 @dataclass
@@ -328,16 +308,24 @@ def peftbench_doctor_checks() -> list[DoctorCheck]:
     "Return environment checks for ``peftbench doctor``, each a function returning its ``Check`` lines."
 
 
-@hookspec
-def peftbench_run_report_sections(record: dict) -> list[str]:
-    "Return Markdown lines for a run's report.md about what this plugin recorded in run.json ``record``."
+# The report hooks receive the typed run record, ``RunRecord`` (what ``RunContext.record`` is), never
+# run.json as a dict: what peftbench owns is typed (``record.name``, ``record.run_info.exports_after_run``,
+# ``record.run_info.recipe.method.options``); what a plugin's exporter recorded stays the plugin's own,
+# open layout: ``record.exports[name].info`` (its keys beyond ``files`` and ``sizes``) and
+# ``record.eval[key].info`` (its scores' keys beyond the typed ROUGE, ``n`` and timings); ``.as_json()`` of
+# any part gives it as run.json holds it. Records of older layouts are migrated before a hook sees them. Read only.
 
 
 @hookspec
-def peftbench_comparison_report_sections(records: list[dict]) -> list[str]:
-    "Return Markdown lines (``## Heading`` and body) for the comparison report over these runs' records."
+def peftbench_run_report_sections(record: RunRecord) -> list[str]:
+    "Return Markdown lines for a run's report.md about what this plugin recorded in the typed run ``record``."
 
 
 @hookspec
-def peftbench_print_run_summary(record: dict) -> None:
-    "Print what a run or an export recorded of this plugin's results on the terminal (``kit.console``)."
+def peftbench_comparison_report_sections(records: list[RunRecord]) -> list[str]:
+    "Return Markdown lines (``## Heading`` and body) for the comparison report over these runs' typed records."
+
+
+@hookspec
+def peftbench_print_run_summary(record: RunRecord) -> None:
+    "Print what a run or an export recorded of this plugin's results (typed ``record``) on the terminal (``kit.console``)."

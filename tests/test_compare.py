@@ -14,7 +14,7 @@ from peftbench.errors import PeftbenchError
 from peftbench.api import hookimpl
 from peftbench.host import registered
 from peftbench.files import atomic_write_json, read_json
-from peftbench.pipeline.record import new_record
+from peftbench.pipeline.record import RunRecord, Scores
 from peftbench.testing import tiny_recipe
 
 # --- expansion and validation --------------------------------------------------------------------
@@ -149,12 +149,13 @@ def fake_record(name, method, *, rouge1, seed=0, failed=False, gguf=None, traina
     recipe = {"seed": seed, "model": {"name": "tiny"}, "method": {"name": method, "r": 8},
               "trainer": {"name": "hf", "epochs": 1, "max_steps": 10, "batch_size": 4, "grad_accum": 2, "learning_rate": 1e-3},
               "dataset": {"name": "chatsum"}}
-    record = new_record(recipe, experiment_name=name)
+    record = RunRecord.new(recipe, experiment_name=name).as_json()
     record["run_info"]["created_at"] = f"2026-01-0{seed + 1}T00:00:00+00:00"  # differs per run; never in the report
     record["meta_info"] = {
         "model_id": "tiny", "dataset_info": {"name": "chatsum", "eval_split": "test", "eval_rows": 60},
         "package_info": {"torch-version": "2.13.0", "peft-version": "0.21.2"},
-        "system_info": {"device": "cpu", "compute_dtype": "float32", "cpu_count": 2, "system": "Linux", "machine": "x86_64",
+        "system_info": {"device": "cpu", "compute_dtype": "float32", "cpu_count": 2, "cpu": "AMD EPYC, 2 cores (avx2)",
+                        "system": "Linux", "machine": "x86_64",
                         "python": "3.12.0", "accelerator": None},
     }
     record["eval"]["baseline"] = {"rouge1": 20.0, "rouge2": 5.0, "rougeL": 15.0, "rougeLsum": 16.0, "n": 60, "eval_time_s": 30.0}
@@ -173,7 +174,8 @@ def fake_record(name, method, *, rouge1, seed=0, failed=False, gguf=None, traina
     record["eval"]["finetuned"] = {"rouge1": rouge1, "rouge2": rouge1 / 4, "rougeL": rouge1 * 0.8, "rougeLsum": rouge1 * 0.9,
                                    "n": 60, "eval_time_s": 40.0}
     if gguf is not None:
-        record["eval"]["gguf"] = {"rouge1": gguf, "n": 60, "quant_type": "Q4_K_M", "hf_rouge1_same_examples": rouge1,
+        record["eval"]["gguf"] = {"rouge1": gguf, "rouge2": gguf / 4, "rougeL": gguf * 0.8, "rougeLsum": gguf * 0.9, "n": 60,
+                                  "quant_type": "Q4_K_M", "hf_rouge1_same_examples": rouge1,
                                   "agreement_with_hf": {"rouge1": 80.0}, "passed": True,
                                   "generation": {"tokens_per_second": 40.0}}
         record["exports"]["gguf"] = {"files": {"gguf": "model-Q4_K_M.gguf"}, "sizes": {"gguf": 100 * 2**20},
@@ -228,7 +230,7 @@ def test_table_values_best_marks_and_failed_rows(tmp_path):
     assert set(rows["prefix_tuning — **failed**"].values()) == {"prefix_tuning — **failed**", "—"}
     assert "prefix_tuning failed: RuntimeError: out of memory" in markdown
     assert "peftbench report runs -o r.md" in markdown.split("## ")[0], "the regenerating command comes first"
-    assert "cpu (float32, 2 CPU cores, Linux x86_64), Python 3.12.0; torch 2.13.0, peft 0.21.2" in markdown
+    assert "cpu (float32, AMD EPYC, 2 cores (avx2), Linux x86_64), Python 3.12.0; torch 2.13.0, peft 0.21.2" in markdown
 
 
 def test_same_records_give_identical_markdown_in_any_order(tmp_path):
@@ -247,14 +249,14 @@ def test_seeds_give_mean_and_spread_and_grids_are_ranked(tmp_path):
                for lr, scores in ((0.001, (30.0, 32.0)), (0.01, (20.0, 22.0))) for s, r in zip((1, 2), scores)]
     records.append(fake_record("lora-lr0.1-seed1", "lora", rouge1=0, seed=1, config="lora-lr0.1", failed=True,
                                grid={"trainer.learning_rate": 0.1}))
-    markdown = render_markdown([Run(r) for r in records], title="t")
+    markdown = render_markdown([Run(RunRecord.from_json(r)) for r in records], title="t")
     rows = table_rows(markdown)
-    assert rows["lora-lr0.001 (2 seeds)"]["ROUGE-1 (Δ base)"] == "**31.00 ± 1.41 (+11.00)**"
-    assert rows["lora-lr0.01 (2 seeds)"]["ROUGE-1 (Δ base)"] == "21.00 ± 1.41 (+1.00)"
-    assert "lora-lr0.1 — **failed**" in rows
+    assert rows["lora lr=1e-3 (2 seeds)"]["ROUGE-1 (Δ base)"] == "**31.00 ± 1.41 (+11.00)**", "configurations named readably"
+    assert rows["lora lr=1e-2 (2 seeds)"]["ROUGE-1 (Δ base)"] == "21.00 ± 1.41 (+1.00)"
+    assert "lora lr=0.1 — **failed**" in rows
     ranking = markdown.split("## Ranking by ROUGE-1")[1].split("##")[0]
-    assert ranking.index("lora-lr0.001") < ranking.index("lora-lr0.01")
-    assert "| 1 | lora-lr0.001 | trainer.learning_rate=0.001 | 31.00 ± 1.41 | +11.00 |" in ranking
+    assert ranking.index("lora lr=1e-3") < ranking.index("lora lr=1e-2")
+    assert "| 1 | lora lr=1e-3 | trainer.learning_rate=0.001 | 31.00 ± 1.41 | +11.00 |" in ranking
     assert "seeds: 1, 2." in markdown
 
 
@@ -469,10 +471,10 @@ def test_a_run_stopped_part_way_joins_its_configuration_and_is_not_called_failed
     never = fake_record("ia3-lr0.01-seed1", "ia3", rouge1=0, seed=1)
     never["run_info"]["status"] = "running"
     del never["eval"]["finetuned"]
-    markdown = render_markdown([Run(r) for r in records + [stopped, never]], title="t")
+    markdown = render_markdown([Run(RunRecord.from_json(r)) for r in records + [stopped, never]], title="t")
     rows = table_rows(markdown)
-    assert "lora-lr0.001 (2 seeds, 1 did not finish)" in rows
-    assert rows["lora-lr0.001 (2 seeds, 1 did not finish)"]["ROUGE-1 (Δ base)"] == "31.50 ± 0.71 (+11.50)"
+    assert "lora lr=1e-3 (2 seeds, 1 did not finish)" in rows
+    assert rows["lora lr=1e-3 (2 seeds, 1 did not finish)"]["ROUGE-1 (Δ base)"] == "31.50 ± 0.71 (+11.50)"
     assert "ia3-lr0.01 — did not finish" in rows and not any("failed" in row for row in rows)
     assert "lora-lr0.001-seed3 did not finish (running)" in markdown
 
@@ -488,13 +490,13 @@ def test_a_setting_chosen_at_the_end_of_its_grid_is_pointed_out(tmp_path):
     final = fake_record("lora-lr0.01-q_proj-seed1", "lora", rouge1=36.0, seed=1, config="lora-lr0.01-q_proj",
                         grid={"trainer.learning_rate": 0.01, "method.target_modules": ["q_proj"]})
     final["run_info"]["comparison"].update(phase="final", chosen_by={"split": "selection", "metric": "rouge1", "value": 35.0})
-    markdown = render_markdown([Run(r) for r in runs + [final]], title="t")
+    markdown = render_markdown([Run(RunRecord.from_json(r)) for r in runs + [final]], title="t")
     assert "- lora: the chosen trainer.learning_rate=0.01 is the largest searched; the best may lie beyond the grid." in markdown
     assert "target_modules=['q_proj'] is the" not in markdown, "a list has no end"
     inside = [search_run(lr, score, "q_proj") for lr, score in ((1e-4, 30.0), (1e-3, 36.0), (1e-2, 35.0))]
     final["run_info"]["comparison"]["grid"]["trainer.learning_rate"] = 0.001
     final["run_info"]["comparison"]["config"] = "lora-lr0.001-q_proj"
-    assert "beyond the grid" not in render_markdown([Run(r) for r in inside + [final]], title="t")
+    assert "beyond the grid" not in render_markdown([Run(RunRecord.from_json(r)) for r in inside + [final]], title="t")
 
 
 def _searched(comparison, scores: dict[str, float]) -> dict:
@@ -502,9 +504,9 @@ def _searched(comparison, scores: dict[str, float]) -> dict:
     records = {}
     for run in comparison.runs:
         if run.config in scores:
-            record = new_record(run.raw, experiment_name=run.name)
-            record["eval"]["finetuned"] = {"rouge1": scores[run.config], "rouge2": 0.0, "rougeL": 0.0, "rougeLsum": 0.0, "n": 4}
-            record["run_info"]["status"] = "success"
+            record = RunRecord.new(run.raw, experiment_name=run.name)
+            record.eval["finetuned"] = Scores(rouge1=scores[run.config], rouge2=0.0, rougeL=0.0, rougeLsum=0.0, n=4)
+            record.run_info.status = "success"
             records[run.name] = record
     return records
 

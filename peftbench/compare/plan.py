@@ -41,7 +41,7 @@ from peftbench.errors import PeftbenchError
 from peftbench.host import Host, get_host
 from peftbench.pipeline.recipe import _describe as describe_errors  # recipes' wording for schema errors
 from peftbench.pipeline.recipe import apply_overrides, read_recipe_file, set_key, validate_recipe
-from peftbench.pipeline.record import default_run_dir
+from peftbench.pipeline.record import RunRecord, default_run_dir
 
 # hf trainer options that fix how much data a run sees: equal across runs unless a grid varies them.
 BUDGET_KEYS = ("epochs", "max_steps", "batch_size", "grad_accum")
@@ -235,7 +235,7 @@ def plan_search(search: SearchSpec, runs: list[PlannedRun]) -> tuple[list[Planne
     return searched, candidates
 
 
-def choose(comparison: Comparison, records: dict[str, dict]) -> tuple[list[PlannedRun], list[str]]:
+def choose(comparison: Comparison, records: dict[str, RunRecord]) -> tuple[list[PlannedRun], list[str]]:
     """After the search: per entry, the grid point with the best search metric (the first of equals,
     in grid order), and its runs per seed. Returns those runs and a line per entry saying what was
     chosen (and the path past the grid's edge, if the search went there), or that nothing finished."""
@@ -257,7 +257,7 @@ def choose(comparison: Comparison, records: dict[str, dict]) -> tuple[list[Plann
     return chosen, lines
 
 
-def best_search_run(runs: list[PlannedRun], records: dict[str, dict], metric: str) -> tuple[float, PlannedRun, int] | None:
+def best_search_run(runs: list[PlannedRun], records: dict[str, RunRecord], metric: str) -> tuple[float, PlannedRun, int] | None:
     """(score, run, how many scored) of the best finished search run, the first of equals; None if none finished."""
     scored = [(value, run) for run in runs if (value := _search_score(records.get(run.name), metric)) is not None]
     if not scored:
@@ -266,14 +266,14 @@ def best_search_run(runs: list[PlannedRun], records: dict[str, dict], metric: st
     return value, run, len(scored)
 
 
-def _search_score(record: dict | None, metric: str) -> float | None:
-    value = ((record or {}).get("eval", {}).get("finetuned") or {}).get(metric)
-    if isinstance(value, (int, float)) and record["run_info"].get("status") == "success":
-        return float(value)
-    return None
+def _search_score(record: RunRecord | None, metric: str) -> float | None:
+    tuned = record.eval.get("finetuned") if record else None
+    if tuned is None or record.run_info.status != "success":
+        return None
+    return tuned.rouge(metric)
 
 
-def extend_search(comparison: Comparison, records: dict[str, dict], host: Host | None = None) -> tuple[list[PlannedRun], list[str]]:
+def extend_search(comparison: Comparison, records: dict[str, RunRecord], host: Host | None = None) -> tuple[list[PlannedRun], list[str]]:
     """Search runs one step past the grid's edge, for each entry whose best point so far lies on the edge of a
     numeric axis and that has extensions left (``search.extend``); each with its final runs as candidates.
     Returns the new search runs and a note for each point that could not be planned (its recipe invalid)."""
@@ -317,7 +317,7 @@ def _past_the_edge(comparison: Comparison, best: PlannedRun, point: dict, step: 
     return search_run, finals
 
 
-def _extension_path(runs: list[PlannedRun], records: dict[str, dict], metric: str) -> str:
+def _extension_path(runs: list[PlannedRun], records: dict[str, RunRecord], metric: str) -> str:
     """``; past the grid's edge: learning_rate=0.018 (31.20), learning_rate=0.054 (30.10)``, or nothing."""
     past = sorted((r for r in runs if r.extension), key=lambda r: r.extension)
     if not past:

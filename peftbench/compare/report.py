@@ -9,20 +9,22 @@ the clock or from where the runs lie on disk.
 
 from __future__ import annotations
 
-
 import json
 import os
 import re
 import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
+
+from pydantic import ValidationError
 
 from peftbench.errors import PeftbenchError
-from peftbench.pipeline.evaluation import ROUGE_CONVENTION, ROUGE_TYPES
-from peftbench.files import atomic_write_text, human_bytes, read_json
+from peftbench.files import atomic_write_text, human_bytes
 from peftbench.pipeline.environment import versions
-from peftbench.pipeline.record import first_non_finite
+from peftbench.pipeline.evaluation import ROUGE_CONVENTION, ROUGE_TYPES
+from peftbench.pipeline.record import (ChosenBy, ComparisonPlace, DatasetInfo, RunRecord, Scores, first_non_finite,
+                                       read_record)
 
 ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 
@@ -32,30 +34,60 @@ ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "r
 
 @dataclass
 class Run:
-    record: dict
+    record: RunRecord
 
     @property
     def name(self) -> str:
-        return self.record["run_info"]["experiment_name"]
+        return self.record.name
+
+    @property
+    def status(self) -> str:
+        return self.record.run_info.status
 
     @property
     def ok(self) -> bool:
-        return (self.record["run_info"].get("status") == "success" and "finetuned" in self.record.get("eval", {})
-                and self.divergence is None)
+        return self.status == "success" and "finetuned" in self.record.eval and self.divergence is None
 
     @property
     def divergence(self) -> str | None:
         """Where training went non-finite, for records written before the trainer refused such runs."""
-        found = first_non_finite(self.record.get("train_info", {}).get("metrics"))
+        found = first_non_finite(self.record.train_info.metrics)
         return f"{found[0]} {found[1]} at step {found[2]}" if found else None
 
     @property
-    def annotation(self) -> dict:
-        return self.record["run_info"].get("comparison") or {}
+    def annotation(self) -> ComparisonPlace | None:
+        """The run's place in a comparison; None for a run made on its own (or stopped before the
+        comparison recorded it)."""
+        return self.record.run_info.comparison
 
     @property
     def method(self) -> str:
-        return (self.record["run_info"].get("recipe") or {}).get("method", {}).get("name", "?")
+        return self.record.run_info.recipe.method.name or "?"
+
+    @property
+    def config(self) -> str | None:
+        return self.annotation.config if self.annotation else None
+
+    @property
+    def entry_label(self) -> str:
+        """The comparison entry this run belongs to (its label, by default the method name)."""
+        return self.annotation.label if self.annotation else self.method
+
+    @property
+    def grid(self) -> dict[str, Any]:
+        return self.annotation.grid if self.annotation else {}
+
+    @property
+    def phase(self) -> str:
+        return self.annotation.phase if self.annotation else "final"
+
+    @property
+    def chosen_by(self) -> ChosenBy | None:
+        return self.annotation.chosen_by if self.annotation else None
+
+    @property
+    def finetuned(self) -> Scores | None:
+        return self.record.eval.get("finetuned")
 
 
 def find_run_dirs(paths: list[str | Path]) -> list[Path]:
@@ -78,11 +110,13 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
     runs = []
     for run_dir in find_run_dirs(paths):
         try:
-            record = read_json(run_dir / "run.json")
-            if not isinstance(record, dict) or not isinstance(record.get("run_info"), dict):
-                raise KeyError("run_info")
-            runs.append(Run(record))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            runs.append(Run(read_record(run_dir)))
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(map(str, first["loc"]))
+            raise PeftbenchError(f"'{run_dir / 'run.json'}' is not a peftbench run record ({where}: {first['msg']}).",
+                                 "pass directories written by `peftbench run`.") from None
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # not JSON, or not a mapping
             raise PeftbenchError(f"'{run_dir / 'run.json'}' is not a peftbench run record ({e}).",
                                  "pass directories written by `peftbench run`.") from None
     return runs
@@ -124,13 +158,13 @@ class Group:
 
 def _unfinished(run: Run) -> bool:
     """Stopped before it ended (killed, machine given back): not a failure of the method."""
-    return not run.ok and run.record["run_info"].get("status") in ("running", "interrupted", None)
+    return not run.ok and run.status in ("running", "interrupted")
 
 
 def _config_key(run: Run) -> str:
-    if run.annotation.get("config"):
-        return "config:" + run.annotation["config"]
-    recipe = dict(run.record["run_info"].get("recipe") or {})
+    if run.config:
+        return "config:" + run.config
+    recipe = run.record.run_info.recipe.as_json()
     recipe.pop("seed", None)
     recipe.pop("output_dir", None)
     return "recipe:" + json.dumps(recipe, sort_keys=True)
@@ -138,7 +172,7 @@ def _config_key(run: Run) -> str:
 
 def group_runs(runs: list[Run]) -> list[Group]:
     by_key: dict[str, list[Run]] = {}
-    configs = {run.annotation["config"] for run in runs if run.annotation.get("config")}
+    configs = {run.config for run in runs if run.config}
     for run in runs:
         key = _config_key(run)
         # A comparison annotates each run when it ends: a run stopped part-way (its machine given back)
@@ -150,9 +184,8 @@ def group_runs(runs: list[Run]) -> list[Group]:
     groups = []
     for key, members in by_key.items():
         members.sort(key=lambda r: (_seed(r), r.name))
-        first = members[0]
-        label = first.annotation.get("config") or _without_seed(first.name)
-        groups.append(Group(key=key, label=label, method=first.method, grid=first.annotation.get("grid") or {}, runs=members))
+        first = next((r for r in members if r.annotation), members[0])
+        groups.append(Group(key=key, label=run_label(first), method=first.method, grid=first.grid, runs=members))
     groups.sort(key=lambda g: (g.label, g.method, g.key))
     seen: dict[str, int] = {}
     for g in groups:  # two configurations from differently named folders may share a name
@@ -164,34 +197,64 @@ def group_runs(runs: list[Run]) -> list[Group]:
     return groups
 
 
+def run_label(run: Run) -> str:
+    """The configuration a run belongs to, as a reader says it: a comparison's entry and grid point
+    (``lora lr=6e-3 all-linear``); for a run made on its own, its directory's name without the seed."""
+    if run.annotation:
+        return config_label(run.entry_label, run.grid)
+    return _without_seed(run.name)
+
+
+# How a grid key shows in a label: a short name, or none where the value says what it is.
+GRID_KEY_NAMES = {"trainer.learning_rate": "lr", "method.target_modules": ""}
+
+
+def config_label(label: str, grid: dict[str, Any]) -> str:
+    """``lora`` with {trainer.learning_rate: 0.006, method.target_modules: all-linear} -> ``lora lr=6e-3 all-linear``."""
+    parts = [label]
+    for key, value in grid.items():
+        name = GRID_KEY_NAMES.get(key, key.rpartition(".")[2])
+        parts.append(f"{name}={_short(value)}" if name else _short(value))
+    return " ".join(parts)
+
+
+def _short(value: Any) -> str:
+    """A grid value in few characters: small numbers in powers of ten (6e-3), lists joined by commas."""
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(_short, value))
+    if isinstance(value, float) and 0 < abs(value) < 0.1:
+        mantissa, exponent = f"{value:.2e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return str(value)
+
+
 def _without_seed(name: str) -> str:
     """A run's name without the comparison's "-seedN" suffix: its configuration's name."""
     return re.sub(r"-seed\d+$", "", name)
 
 
 def _seed(run: Run) -> int:
-    seed = run.annotation.get("seed", (run.record["run_info"].get("recipe") or {}).get("seed"))
+    seed = run.annotation.seed if run.annotation else run.record.run_info.recipe.seed
     return seed if isinstance(seed, int) else 0
 
 
-def run_metrics(record: dict) -> dict[str, float]:
+def run_metrics(record: RunRecord) -> dict[str, float]:
     """The numbers a report compares, from one run record (missing ones left out)."""
-    train, ev = record.get("train_info", {}), record.get("eval", {})
-    base, tuned = ev.get("baseline") or {}, ev.get("finetuned") or {}
+    train, tuned, base = record.train_info, record.eval.get("finetuned"), record.eval.get("baseline")
     out = {
-        "trainable": train.get("num_trainable_params"),
-        "trainable_percent": train.get("trainable_percent"),
-        "adapter_bytes": train.get("file_size"),
-        "train_time": train.get("train_time"),
-        "tokens_per_second": train.get("tokens_per_second"),
-        "peak_memory": train.get("accelerator_memory_max"),
-        "eval_time": tuned.get("eval_time_s"),
+        "trainable": train.num_trainable_params,
+        "trainable_percent": train.trainable_percent,
+        "adapter_bytes": train.file_size,
+        "train_time": train.train_time,
+        "tokens_per_second": train.tokens_per_second,
+        "peak_memory": train.accelerator_memory_max,
+        "eval_time": tuned.eval_time_s if tuned else None,
     }
     for key in ROUGE_TYPES:
-        out[key] = tuned.get(key)
-        out[f"base_{key}"] = base.get(key)
-        if key in tuned and key in base:
-            out[f"delta_{key}"] = tuned[key] - base[key]
+        out[key] = tuned.rouge(key) if tuned else None
+        out[f"base_{key}"] = base.rouge(key) if base else None
+        if tuned and base:
+            out[f"delta_{key}"] = tuned.rouge(key) - base.rouge(key)
     return {k: float(v) for k, v in out.items() if isinstance(v, (int, float))}
 
 
@@ -318,37 +381,38 @@ def _against_best(group: Group, best: Group) -> str:
 
 
 def _search(search_runs: list[Run], final_runs: list[Run]) -> list[str]:
-    """Every searched grid point with its score on the search split; the one chosen in bold."""
-    by = [r.annotation["chosen_by"] for r in final_runs if r.annotation.get("chosen_by")]
-    metric = by[0]["metric"] if by else "rouge1"
-    chosen = {r.annotation.get("config") for r in final_runs if r.annotation.get("chosen_by")}
-    split = by[0]["split"] if by else "search"
+    """Every searched grid point with its score on the search split; the one chosen in bold; the points the
+    search added past the grid's edge marked with their step (1: the first point past it)."""
+    by = [r.chosen_by for r in final_runs if r.chosen_by]
+    metric = by[0].metric if by else "rouge1"
+    chosen = {r.config for r in final_runs if r.chosen_by}
+    split = by[0].split if by else "search"
     lines = [f"| method | setting | {ROUGE_NAMES.get(metric, metric)} on {split} | |", "| --- | --- | ---: | --- |"]
-    for run in sorted(search_runs, key=lambda r: (r.annotation.get("label", ""), _grid_sort_key(r))):
-        grid = ", ".join(f"{k}={v}" for k, v in (run.annotation.get("grid") or {}).items()) or "—"
-        tuned = run.record.get("eval", {}).get("finetuned") or {}
-        score = f"{tuned[metric]:.2f}" if run.ok and metric in tuned else "failed"
-        is_chosen = run.annotation.get("config") in chosen
-        lines.append(f"| {run.annotation.get('label', run.method)} | {grid} | "
-                     + (f"**{score}** | chosen |" if is_chosen else f"{score} | |"))
+    for run in sorted(search_runs, key=lambda r: (r.entry_label if r.annotation else "", _grid_sort_key(r))):
+        grid = ", ".join(f"{k}={v}" for k, v in run.grid.items()) or "—"
+        score = f"{run.finetuned.rouge(metric):.2f}" if run.ok else "failed"
+        past = f"past the grid's edge ({run.annotation.extension})" if run.annotation and run.annotation.extension else ""
+        lines.append(f"| {run.entry_label} | {grid} | "
+                     + (f"**{score}** | {'; '.join(filter(None, ['chosen', past]))} |" if run.config in chosen
+                        else f"{score} |{' ' + past if past else ''} |"))
     return lines
 
 
 def _grid_edges(search_runs: list[Run], final_runs: list[Run]) -> list[str]:
     """A line for each chosen setting at the end of a numeric grid (the largest or smallest learning
     rate searched): the best may lie beyond what was searched, and the grid should be widened."""
-    chosen = {r.annotation.get("config") for r in final_runs if r.annotation.get("chosen_by")}
+    chosen = {r.config for r in final_runs if r.chosen_by}
     lines = []
-    for label in sorted({r.annotation.get("label", r.method) for r in search_runs}):
-        runs = [r for r in search_runs if r.annotation.get("label", r.method) == label]
-        picked = next((r for r in runs if r.annotation.get("config") in chosen), None)
-        scored = [r for r in runs if r.ok and "rouge1" in r.record["eval"]["finetuned"]]
+    for label in sorted({r.entry_label for r in search_runs}):
+        runs = [r for r in search_runs if r.entry_label == label]
+        picked = next((r for r in runs if r.config in chosen), None)
+        scored = [r for r in runs if r.ok]
         if picked is None and scored:  # finals not run yet: the best search point is the one they would train
-            picked = max(scored, key=lambda r: r.record["eval"]["finetuned"]["rouge1"])
+            picked = max(scored, key=lambda r: r.finetuned.rouge1)
         if picked is None:
             continue
-        for key, value in (picked.annotation.get("grid") or {}).items():
-            values = [(r.annotation.get("grid") or {}).get(key) for r in runs]
+        for key, value in picked.grid.items():
+            values = [r.grid.get(key) for r in runs]
             if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values) or len(set(values)) < 3:
                 continue  # target modules and the like have no order
             if value in (max(values), min(values)):
@@ -360,11 +424,11 @@ def _grid_edges(search_runs: list[Run], final_runs: list[Run]) -> list[str]:
 def _search_budget(search_runs: list[Run], final_runs: list[Run]) -> list[str]:
     """A sentence when the search trained for fewer steps than the results (``search.max_steps``)."""
     def steps(runs: list[Run]) -> str:
-        found = sorted({r.record["train_info"].get("steps") for r in runs if r.ok} - {None})
+        found = sorted({r.record.train_info.steps for r in runs if r.ok} - {None})
         return "/".join(map(str, found)) or "?"
 
-    searched = sorted({((r.record["run_info"].get("recipe") or {}).get("trainer") or {}).get("max_steps") for r in search_runs} - {None})
-    finals = [r for r in final_runs if r.annotation.get("chosen_by")]
+    searched = sorted({r.record.run_info.recipe.trainer.max_steps for r in search_runs} - {None})
+    finals = [r for r in final_runs if r.chosen_by]
     if not searched or not finals or steps(search_runs) == steps(finals):
         return []
     return [f"The search trained each point for {steps(search_runs)} optimiser steps (`search.max_steps`), the runs above for "
@@ -372,18 +436,16 @@ def _search_budget(search_runs: list[Run], final_runs: list[Run]) -> list[str]:
 
 
 def _grid_sort_key(run: Run) -> tuple:
-    return tuple((k, v if isinstance(v, (int, float)) else 0, str(v)) for k, v in sorted((run.annotation.get("grid") or {}).items()))
+    return tuple((k, v if isinstance(v, (int, float)) else 0, str(v)) for k, v in sorted(run.grid.items()))
 
 
 def _settings(groups: list[Group]) -> list[str]:
     lines = ["| method | options | learning rate |", "| --- | --- | ---: |"]
     for g in groups:
-        recipe = g.runs[0].record["run_info"].get("recipe") or {}
-        method = dict(recipe.get("method") or {})
-        name = method.pop("name", g.method)
-        options = ", ".join(f"{k}={_compact(v)}" for k, v in method.items())
-        lr = (recipe.get("trainer") or {}).get("learning_rate")
-        lines.append(f"| {g.label} | {name}: {options or 'defaults'} | {lr if lr is not None else '—'} |")
+        recipe = g.runs[0].record.run_info.recipe
+        options = ", ".join(f"{k}={_compact(v)}" for k, v in recipe.method.options.items())
+        lr = recipe.trainer.learning_rate
+        lines.append(f"| {g.label} | {recipe.method.name or g.method}: {options or 'defaults'} | {lr if lr is not None else '—'} |")
     return lines
 
 
@@ -395,24 +457,26 @@ def _compact(value) -> str:
 
 def _setup(runs: list[Run]) -> list[str]:
     ok = [r for r in runs if r.ok] or runs
-    meta = ok[0].record.get("meta_info", {})
-    recipe = ok[0].record["run_info"].get("recipe") or {}
-    data = meta.get("dataset_info", {})
-    trainer = recipe.get("trainer") or {}
+    first = ok[0].record
+    data = first.meta_info.dataset_info or DatasetInfo()
+    trainer = first.run_info.recipe.trainer
     seeds = sorted({_seed(r) for r in runs})
-    steps = sorted({r.record["train_info"].get("steps") for r in ok if r.record["train_info"].get("steps") is not None})
-    budget = (f"max_steps {trainer['max_steps']}" if trainer.get("max_steps") else f"{trainer.get('epochs', '?')} epochs")
-    lines = [
-        f"- Model: `{meta.get('model_id', (recipe.get('model') or {}).get('name'))}`; dataset: `{data.get('name', '?')}`, "
-        f"scored on the {data.get('eval_split', '?')} split ({data.get('eval_rows', '?')} examples) with {_decoding(recipe)}.",
-        f"- Training: {budget}, batch {trainer.get('batch_size', '?')} × {trainer.get('grad_accum', '?')} accumulation "
+    steps = sorted({r.record.train_info.steps for r in ok} - {None})
+    budget = f"max_steps {trainer.max_steps}" if trainer.max_steps else f"{_known(trainer.epochs)} epochs"
+    return [
+        f"- Model: `{first.model_name}`; dataset: `{_known(data.name)}`, "
+        f"scored on the {_known(data.eval_split)} split ({_known(data.eval_rows)} examples) with {_decoding(first)}.",
+        f"- Training: {budget}, batch {_known(trainer.batch_size)} × {_known(trainer.grad_accum)} accumulation "
         f"({', '.join(map(str, steps)) or '?'} optimiser steps); seeds: {', '.join(map(str, seeds))}.",
     ]
-    return lines
 
 
-def _decoding(recipe: dict) -> str:
-    beams = (recipe.get("evaluation") or {}).get("num_beams") or 1
+def _known(value) -> str:
+    return "?" if value is None else str(value)
+
+
+def _decoding(record: RunRecord) -> str:
+    beams = record.run_info.recipe.evaluation.num_beams or 1
     return "greedy decoding" if beams == 1 else f"beam search ({beams} beams)"
 
 
@@ -420,16 +484,13 @@ def _environment(runs: list[Run]) -> list[str]:
     lines = []
     described: dict[str, list[str]] = {}
     for run in sorted(runs, key=lambda r: r.name):
-        meta = run.record.get("meta_info", {})
-        if not meta:
+        meta, system = run.record.meta_info, run.record.meta_info.system_info
+        if system is None:  # a run that died before it started
             continue
-        sysinfo = meta.get("system_info", {})
-        device = sysinfo.get("accelerator") or sysinfo.get("device", "?")
-        side = f", {sysinfo['runs_side_by_side']} runs side by side" if sysinfo.get("runs_side_by_side") else ""
-        cpu = sysinfo.get("cpu") or f"{sysinfo.get('cpu_count', '?')} CPU cores"  # older records: the count only
-        text = (f"{device} ({sysinfo.get('compute_dtype', '?')}{side}, {cpu}, "
-                f"{sysinfo.get('system', '?')} {sysinfo.get('machine', '')}".rstrip() + "), Python "
-                f"{sysinfo.get('python', '?')}; " + ", ".join(f"{k} {v}" for k, v in versions(meta.get("package_info", {})).items()))
+        side = f", {system.runs_side_by_side} runs side by side" if system.runs_side_by_side else ""
+        text = (f"{system.accelerator or system.device or '?'} ({_known(system.compute_dtype)}{side}, {system.cpu}, "
+                f"{_known(system.system)} {system.machine or ''}".rstrip() + f"), Python {_known(system.python)}; "
+                + ", ".join(f"{k} {v}" for k, v in versions(meta.package_info).items()))
         described.setdefault(text, []).append(run.name)
     for text, names in described.items():
         lines.append(f"- {text}" + (f" (runs: {', '.join(names)})" if len(described) > 1 else ""))
@@ -437,7 +498,8 @@ def _environment(runs: list[Run]) -> list[str]:
 
 
 def _plugin_sections(runs: list[Run]) -> list[str]:
-    """Sections plugins add (``peftbench_comparison_report_sections``), after the table of methods."""
+    """Sections plugins add (``peftbench_comparison_report_sections``, given the runs' typed records), after
+    the table of methods."""
     from peftbench.host import get_host
 
     records = [run.record for run in runs]
@@ -445,50 +507,60 @@ def _plugin_sections(runs: list[Run]) -> list[str]:
 
 
 def _notes(groups: list[Group]) -> list[str]:
-    notes = set()
-    for g in groups:
-        for run in g.runs:
-            for note in run.annotation.get("notes") or []:
-                notes.add(f"{run.name}: {note}")
-            if run.ok:  # a failed export leaves the run's scores standing: say which
-                for stage, info in (run.record["run_info"].get("stages") or {}).items():
-                    if info.get("status") == "failed":
-                        notes.add(f"{run.name}: stage {stage} failed: {info.get('error') or 'no error recorded'}")
-            resumed = run.record.get("train_info", {}).get("resumed_from_step")
-            if resumed is not None:
-                notes.add(f"{run.name} was resumed from step {resumed}: its train time, tokens/s and peak memory are unknown")
-            if run.divergence:
-                notes.add(f"{run.name} diverged: {run.divergence}; its adapter is not usable")
-            elif not run.ok:
-                info = run.record["run_info"]
-                status = "failed" if info.get("status") == "failed" else f"did not finish ({info.get('status')})"
-                notes.add(f"{run.name} {status}: {info.get('error_msg') or 'no error recorded'}")
+    notes = {note for g in groups for run in g.runs for note in _run_notes(run)}
+    notes.update(_sharing_notes(groups) + _base_model_notes(groups))
+    return sorted(notes)
+
+
+def _run_notes(run: Run) -> list[str]:
+    """What a reader of the table should know about one run: the comparison's notes, a failed stage
+    of a run that still counts, a resumed run's unknown speed, why a run is not in the table."""
+    notes = [f"{run.name}: {note}" for note in (run.annotation.notes if run.annotation else [])]
+    info = run.record.run_info
+    if run.ok:  # a failed export leaves the run's scores standing: say which
+        notes += [f"{run.name}: stage {name} failed: {stage.error or 'no error recorded'}"
+                  for name, stage in info.stages.items() if stage.status == "failed"]
+    resumed = run.record.train_info.resumed_from_step
+    if resumed is not None:
+        notes.append(f"{run.name} was resumed from step {resumed}: its train time, tokens/s and peak memory are unknown")
+    if run.divergence:
+        notes.append(f"{run.name} diverged: {run.divergence}; its adapter is not usable")
+    elif not run.ok:
+        status = "failed" if info.status == "failed" else f"did not finish ({info.status})"
+        notes.append(f"{run.name} {status}: {info.error_msg or 'no error recorded'}")
+    return notes
+
+
+def _sharing_notes(groups: list[Group]) -> list[str]:
     sharing: dict[int, list[str]] = {}
     for g in groups:
-        counts = {(r.record.get("meta_info", {}).get("system_info") or {}).get("runs_side_by_side") or 1 for r in g.ok_runs}
-        for count in counts:
+        systems = [r.record.meta_info.system_info for r in g.ok_runs]
+        for count in {(s.runs_side_by_side if s else None) or 1 for s in systems}:
             sharing.setdefault(count, []).append(g.label)
-    if len(sharing) > 1:
-        # Runs side by side share one GPU's time: their speed columns depend on how many shared it.
-        shared = "; ".join(f"{count} at once: {', '.join(labels)}" for count, labels in sorted(sharing.items()))
-        notes.add(f"train time, non-pad tokens/s and eval time were measured with different numbers of runs sharing "
-                  f"the device ({shared}): compare them only between rows measured alike")
-    base = {round(v, 2) for g in groups for r in g.ok_runs if (v := run_metrics(r.record).get("base_rouge1")) is not None}
-    if len(base) > 1:
-        # Same examples, different base numbers: a 4-bit base (QLoRA) is scored as it is loaded, and
-        # batched bf16 generation on a GPU is not bit-exact from one run to the next.
-        per_run = ", ".join(f"{r.name} {run_metrics(r.record)['base_rouge1']:.2f}" for g in groups for r in g.ok_runs
-                            if run_metrics(r.record).get("base_rouge1") is not None)
-        notes.add(f"the base model's ROUGE-1 differs between runs ({per_run}): each run scores the base it "
-                  "trains from (4-bit for qlora); on a GPU, batched bf16 generation is also not bit-exact between runs")
-    return sorted(notes)
+    if len(sharing) <= 1:
+        return []
+    # Runs side by side share one GPU's time: their speed columns depend on how many shared it.
+    shared = "; ".join(f"{count} at once: {', '.join(labels)}" for count, labels in sorted(sharing.items()))
+    return [f"train time, non-pad tokens/s and eval time were measured with different numbers of runs sharing "
+            f"the device ({shared}): compare them only between rows measured alike"]
+
+
+def _base_model_notes(groups: list[Group]) -> list[str]:
+    base = {r.name: v for g in groups for r in g.ok_runs if (v := run_metrics(r.record).get("base_rouge1")) is not None}
+    if len({round(v, 2) for v in base.values()}) <= 1:
+        return []
+    # Same examples, different base numbers: a 4-bit base (QLoRA) is scored as it is loaded, and
+    # batched bf16 generation on a GPU is not bit-exact from one run to the next.
+    per_run = ", ".join(f"{name} {value:.2f}" for name, value in base.items())
+    return [f"the base model's ROUGE-1 differs between runs ({per_run}): each run scores the base it "
+            "trains from (4-bit for qlora); on a GPU, batched bf16 generation is also not bit-exact between runs"]
 
 
 def _split_search(runs: list[Run]) -> tuple[list[Run], list[Run]]:
     """(the runs a report shows as results, a comparison's search runs). Without results (a search
     alone), the search runs are shown as results too."""
-    search_runs = [r for r in runs if r.annotation.get("phase") == "search"]
-    return [r for r in runs if r.annotation.get("phase") != "search"] or runs, search_runs
+    search_runs = [r for r in runs if r.phase == "search"]
+    return [r for r in runs if r.phase != "search"] or runs, search_runs
 
 
 def render_markdown(runs: list[Run], *, title: str, command: str = "", plots: list[tuple[str, str]] = ()) -> str:
@@ -574,13 +646,11 @@ def _search_plot(plt, search_runs: list[Run], directory: Path, stem: str) -> tup
     key = "trainer.learning_rate"
     lines: dict[str, list[tuple[float, float]]] = {}
     for run in search_runs:
-        grid = run.annotation.get("grid") or {}
-        lr = grid.get(key)
-        tuned = run.record.get("eval", {}).get("finetuned") or {}
-        if run.ok and isinstance(lr, (int, float)) and "rouge1" in tuned:
-            others = ", ".join(f"{k.rpartition('.')[2]}={_compact(v)}" for k, v in sorted(grid.items()) if k != key)
-            label = run.annotation.get("label", run.method) + (f", {others}" if others else "")
-            lines.setdefault(label, []).append((float(lr), tuned["rouge1"]))
+        lr = run.grid.get(key)
+        if run.ok and isinstance(lr, (int, float)):
+            others = ", ".join(f"{k.rpartition('.')[2]}={_compact(v)}" for k, v in sorted(run.grid.items()) if k != key)
+            label = run.entry_label + (f", {others}" if others else "")
+            lines.setdefault(label, []).append((float(lr), run.finetuned.rouge1))
     if not lines:
         return None
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
@@ -624,7 +694,7 @@ def _scatter_plot(plt, groups: list[Group], colors: dict, directory: Path, stem:
 
 
 def _loss_plot(plt, groups: list[Group], colors: dict, directory: Path, stem: str) -> tuple[str, str] | None:
-    curves = [(g, r, [(h["step"], h["loss"]) for h in r.record["train_info"].get("metrics", []) if "loss" in h and "step" in h])
+    curves = [(g, r, [(h["step"], h["loss"]) for h in r.record.train_info.metrics if "loss" in h and "step" in h])
               for g in groups for r in g.ok_runs]
     if not any(points for _, _, points in curves):
         return None

@@ -18,9 +18,9 @@ from peftbench.compare.plan import Comparison, PlannedRun, choose, extend_search
 from peftbench.compare.report import write_report
 from peftbench.console import console
 from peftbench.errors import ERROR_FILE_ENV, PeftbenchError
-from peftbench.files import atomic_write_json, atomic_write_text, read_json
+from peftbench.files import atomic_write_json, atomic_write_text
 from peftbench.pipeline.device import RUNS_SHARING_GPU_ENV, nvidia_mps_running
-from peftbench.pipeline.record import new_record, recorded_status
+from peftbench.pipeline.record import RECORD_FILE, ComparisonPlace, RunRecord, read_record, recorded_status
 
 
 def check_run_dirs(comparison: Comparison, *, resume: bool, overwrite: bool) -> None:
@@ -60,14 +60,13 @@ def run_comparison(comparison: Comparison, *, resume: bool = False, overwrite: b
             console.print(line)
         if search_only:
             console.print(f"Search done; the {len(finals)} final runs and the report follow with the same command and --resume.")
-            return list(done.values())
+            return [record.as_json() for record in done.values()]
         done.update(runner.run_all(finals, "final run"))
     write_report([comparison.output_dir / run.name for run in done], comparison.report_path, command=command)
-    records = list(done.values())
-    failed = [run.name for run, record in done.items() if record["run_info"]["status"] != "success"]
+    failed = [run.name for run, record in done.items() if record.run_info.status != "success"]
     console.print(f"Report written to [bold]{comparison.report_path}[/]"
                   + (f"; [red]{len(failed)} failed:[/] {', '.join(failed)}" if failed else ""))
-    return records
+    return [record.as_json() for record in done.values()]
 
 
 def _search_past_edges(comparison: Comparison, runner: "_Runner", done: dict) -> dict:
@@ -92,7 +91,7 @@ class _Runner:
         self.child_args, self.jobs = child_args, jobs
         self.recipes_dir = comparison.output_dir / "recipes"
 
-    def run_all(self, runs: list[PlannedRun], what: str) -> dict[PlannedRun, dict]:
+    def run_all(self, runs: list[PlannedRun], what: str) -> dict[PlannedRun, RunRecord]:
         """Each run's record, in the planned order."""
         if self.jobs == 1:
             return {run: self.run_one(run, f"{what} {i}/{len(runs)}") for i, run in enumerate(runs, 1)}
@@ -101,7 +100,7 @@ class _Runner:
             records = pool.map(lambda pair: self.run_one(pair[1], f"{what} {pair[0]}/{len(runs)}"), enumerate(runs, 1))
             return dict(zip(runs, records))
 
-    def run_one(self, run: PlannedRun, title: str) -> dict:
+    def run_one(self, run: PlannedRun, title: str) -> RunRecord:
         run_dir = self.comparison.output_dir / run.name
         parallel = self.jobs > 1
         if not parallel:
@@ -135,24 +134,24 @@ class _Runner:
         record = _annotate(run_dir, run, error_file)
         if returncode != 0:
             console.print(f"[red]{run.name} failed[/] (exit code {returncode}): "
-                          f"{record['run_info'].get('error_msg') or 'see its output'}; the comparison goes on")
+                          f"{record.run_info.error_msg or 'see its output'}; the comparison goes on")
         elif parallel:
             console.print(f"{run.name} finished")
         return record
 
 
-def _annotate(run_dir: Path, run: PlannedRun, error_file: Path | None) -> dict:
+def _annotate(run_dir: Path, run: PlannedRun, error_file: Path | None) -> RunRecord:
     """Record the run's place in the comparison in its run.json; a run that died before writing one
     (killed, or refused at start) gets a failed record so the report still shows it."""
-    path = run_dir / "run.json"
+    path = run_dir / RECORD_FILE
     if path.is_file():
-        record = read_json(path)
+        record = read_record(path)
     else:
-        record = new_record(run.raw, experiment_name=run.name)
-        record["train_info"]["status"] = "failed"
+        record = RunRecord.new(run.raw, experiment_name=run.name)
+        record.train_info.status = "failed"
         error = error_file.read_text(encoding="utf-8") if error_file and error_file.is_file() else \
             "the run ended before writing run.json (see its output above)"
-        record["run_info"].update(status="failed", error_msg=error)
-    record["run_info"]["comparison"] = run.annotation()
-    atomic_write_json(path, record)
+        record.run_info.status, record.run_info.error_msg = "failed", error
+    record.run_info.comparison = ComparisonPlace.model_validate(run.annotation())
+    atomic_write_json(path, record.as_json())
     return record

@@ -1,27 +1,43 @@
-"""What every stage of a run can see (the plugin API's ``RunContext`` protocol, implemented)."""
+"""The run in progress: the one object every stage of the pipeline and every plugin sees
+(``peftbench.api.RunContext`` is this class)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from peftbench.pipeline.device import DevicePolicy
-from peftbench.pipeline.recipe import ResolvedRecipe
+if TYPE_CHECKING:  # annotations only (the plugin API imports this module: nothing here may import the API)
+    from peftbench.pipeline.device import DevicePolicy
+    from peftbench.pipeline.distributed import Processes
+    from peftbench.pipeline.record import RunRecord, RunRecorder
 
 
 @dataclass
 class RunContext:
-    recipe: ResolvedRecipe
+    """What a stage or a plugin can see of the run. Plugins read it and return results (the runner
+    records them); ``record`` is run.json so far, typed, to read."""
+
+    recipe: Any  # pipeline.recipe.ResolvedRecipe: .recipe (typed sections), .method, .method_options, ...
     run_dir: Path
-    policy: DevicePolicy
+    policy: DevicePolicy  # device and dtypes
     model_source: str  # what from_pretrained loads the base model from (a directory or hub id)
     tokenizer: Any = None
     model: Any = None  # the model being trained (a PeftModel for peft methods)
     resume: bool = False
     eval_dataset: Any = None  # the examples evaluation scores (exporters' smoke tests score the same)
-    exports: dict = field(default_factory=dict)  # exporter name -> the ExportResult it returned, in recipe order
-    record: dict = field(default_factory=dict)  # run.json so far, to read (stages return results; the runner records them)
+    exports: dict[str, Any] = field(default_factory=dict)  # exporter name -> the ExportResult it returned, in recipe order
+    # The runner's own state, shared by its stages:
+    recorder: RunRecorder | None = None  # keeps run.json (None outside a run: a test, a benchmark)
+    processes: Processes | None = None  # which process this is, and how to wait for the others
+    data: Any = None  # the LoadedDataset: splits and loading statistics
+    base_model: Any = None  # the base model, before the method is applied
+    train_rows: int = 0  # rows of the tokenised train split
+
+    @property
+    def record(self) -> RunRecord | None:
+        """run.json so far (``peftbench.pipeline.record.RunRecord``); None outside a run."""
+        return self.recorder.record if self.recorder else None
 
     @property
     def adapter_dir(self) -> Path:

@@ -12,13 +12,11 @@ evaluation is listed in ``run_info.evaluations_after_run``. report.md shows the 
 
 from __future__ import annotations
 
-from contextlib import ExitStack
 from datetime import datetime, timezone
 from pathlib import Path
 
 from peftbench.console import console
 from peftbench.errors import PeftbenchError
-from peftbench.files import atomic_write_text
 
 # What can change between the run's own evaluation and this one. Anything else (the prompt, the
 # method, the data) would score a model the run did not train, or on other terms.
@@ -55,50 +53,42 @@ def evaluation_key(changed: list[str]) -> str:
 
 
 def evaluate_run(run_dir: str | Path, overrides: list[str] = (), command: str | None = None) -> dict:
-    """Score a finished run again with ``overrides`` (evaluation.key=value); returns its run.json."""
-    from peftbench.pipeline.context import RunContext
-    from peftbench.pipeline.export_run import require_finished_run, what_the_export_reads
-    from peftbench.pipeline.record import RunRecord
-    from peftbench.pipeline.report import print_rouge_table, render_run_report
-    from peftbench.pipeline.runner import _write_predictions, claim_run_dir, evaluate_with_progress, release_run_dir
-
-    from peftbench.files import read_json
+    """Score a finished run again with ``overrides`` (evaluation.key=value); returns its run.json as written."""
+    from peftbench.pipeline.export_run import reopened_run, require_finished_run, save_with_report, what_the_export_reads
+    from peftbench.pipeline.record import read_record
+    from peftbench.pipeline.report import print_rouge_table
+    from peftbench.pipeline.runner import _write_predictions, evaluate_with_progress
 
     source = require_finished_run(Path(run_dir))
     recipe, changed = evaluation_recipe(source, list(overrides))
     key = evaluation_key(changed)
-    rows = read_json(source / "run.json")["meta_info"].get("dataset_info", {}).get("rows") or {}
-    if recipe.recipe.evaluation.split == "selection" and "selection" not in rows:
+    data = read_record(source).meta_info.dataset_info
+    if recipe.recipe.evaluation.split == "selection" and "selection" not in ((data.rows if data else None) or {}):
         raise PeftbenchError(
             f"run '{source}' trained on the whole train split, so a selection split carved from it would score examples "
             "the model was trained on.",
             "score a run that was trained with evaluation.split=selection (a comparison's search runs are), or pick another split.")
     policy, model_source, tokenizer, examples = what_the_export_reads(recipe, source, same_examples_as_the_run=False)
-    with ExitStack() as on_exit:
-        claim_run_dir(source)
-        on_exit.callback(release_run_dir, source)
-        from peftbench.library_output import run_log
-
-        on_exit.enter_context(run_log(source / "run.log"))
-        record = RunRecord.reopen(source)
-        ctx = RunContext(recipe=recipe, run_dir=source, policy=policy, model_source=model_source, tokenizer=tokenizer,
-                         eval_dataset=examples, record=record.data)
-        with console.status("loading the base model with the run's adapter"):
-            model = recipe.method.load(ctx.load_base_model(), ctx.adapter_dir, recipe.method_options)
+    with reopened_run(source, recipe, policy, model_source, tokenizer, examples) as ctx:
         console.rule(f"[bold]{key}: {len(examples)} examples")
-        evaluation = evaluate_with_progress(key, model, tokenizer, recipe, examples)
-        split_name = record.data["meta_info"]["dataset_info"].get("eval_split")
-        e = recipe.recipe.evaluation
-        settings = {k: getattr(e, k) for k in EVALUATION_KEYS}
+        evaluation = evaluate_with_progress(key, ctx.model, tokenizer, recipe, examples)
         _write_predictions(source / f"predictions_{key}.jsonl", examples, evaluation.predictions)
-        record.data.setdefault("eval", {})[key] = {**evaluation.as_record(), "settings": settings}
-        record.data["run_info"].setdefault("evaluations_after_run", []).append({
-            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command, "key": key,
-            "overrides": changed, "device": policy.device, "run_split": split_name,
-        })
-        # report.md before run.json, as a run finishes: a kill in between leaves the old record, whole.
-        atomic_write_text(source / "report.md", render_run_report(record.data))
-        record.save()
-    print_rouge_table(record.data)
+        record_evaluation(ctx.record, key, evaluation, recipe.recipe.evaluation, changed, policy.device, command)
+        save_with_report(ctx)
+    print_rouge_table(ctx.record)
     console.print(f"Scores written to {source / 'run.json'} (eval['{key}']) and {source / f'predictions_{key}.jsonl'}")
-    return record.data
+    return ctx.record.as_json()
+
+
+def record_evaluation(record, key: str, evaluation, settings, changed: list[str], device: str, command: str | None) -> None:
+    """The scores under eval[key], with the settings they were scored with, and the evaluation listed in
+    run_info.evaluations_after_run."""
+    from peftbench.pipeline.record import EvaluationAfterRun, EvaluationSettings, Scores
+
+    scores = Scores.model_validate(evaluation.as_record())
+    scores.settings = EvaluationSettings(**{k: getattr(settings, k) for k in EVALUATION_KEYS})
+    record.eval[key] = scores
+    data = record.meta_info.dataset_info
+    record.run_info.evaluations_after_run.append(EvaluationAfterRun(
+        at=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=command, key=key, overrides=changed,
+        device=device, run_split=data.eval_split if data else None))

@@ -16,16 +16,15 @@ found before anything is written.
 from __future__ import annotations
 
 import shutil
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
-import yaml
-
 from peftbench.console import console
 from peftbench.errors import PeftbenchError
-from peftbench.files import atomic_directory, atomic_write_text, read_json
+from peftbench.files import atomic_directory, atomic_write_text
 from peftbench.pipeline.environment import cpu_description
+from peftbench.pipeline.record import ExportAfterRun, ExportRecord, RunRecord
 
 EXPORT_TARGETS = ("merged", "gguf", "ollama")
 # Recipe keys that say where things are on this machine, not what was trained: an export on another
@@ -127,12 +126,7 @@ def copy_run(source: Path, target: Path) -> Path:
 
 def export_run(run_dir: str | Path, *, to: list[str] = ("gguf",), quant_types: list[str] | None = None,
                output_dir: str | Path | None = None, overrides: list[str] = (), command: str | None = None) -> dict:
-    """Export a finished run; returns its run.json (written into the run directory or ``output_dir``)."""
-    from peftbench.pipeline.context import RunContext
-    from peftbench.pipeline.record import RunRecord
-    from peftbench.pipeline.report import render_run_report
-    from peftbench.pipeline.runner import RunState, claim_run_dir, export, release_run_dir
-
+    """Export a finished run; returns its run.json as written (into the run directory or ``output_dir``)."""
     source = require_finished_run(Path(run_dir))
     if output_dir:
         require_new_directory(Path(output_dir))
@@ -140,35 +134,58 @@ def export_run(run_dir: str | Path, *, to: list[str] = ("gguf",), quant_types: l
     policy, model_source, tokenizer, examples = what_the_export_reads(recipe, source)
 
     target = copy_run(source, Path(output_dir)) if output_dir else source
-    with ExitStack() as on_exit:
-        claim_run_dir(target)  # no `peftbench run --overwrite` or second export on it meanwhile
-        on_exit.callback(release_run_dir, target)
-        from peftbench.library_output import run_log
+    with reopened_run(target, recipe, policy, model_source, tokenizer, examples) as ctx:
+        from peftbench.pipeline.runner import export
 
-        on_exit.enter_context(run_log(target / "run.log"))  # library output of the export, after the run's
-        record = RunRecord.reopen(target)
-        ctx = RunContext(recipe=recipe, run_dir=target, policy=policy, model_source=model_source, tokenizer=tokenizer,
-                         eval_dataset=examples, record=record.data)
+        export(ctx)
+        ctx.record.run_info.exports_after_run.append(export_entry(ctx, command))
+        save_with_report(ctx)
+    print_export_summary(ctx.record, recipe, target)
+    return ctx.record.as_json()
+
+
+@contextmanager
+def reopened_run(run_dir: Path, recipe, policy, model_source: str, tokenizer, examples):
+    """A finished run's context, as its run had it, with the run's adapter loaded on the base model
+    again; the run directory is held meanwhile (no `peftbench run --overwrite` or second export on it)."""
+    from peftbench.library_output import run_log
+    from peftbench.pipeline.context import RunContext
+    from peftbench.pipeline.record import RunRecorder
+    from peftbench.pipeline.runner import claim_run_dir, release_run_dir
+
+    with ExitStack() as on_exit:
+        claim_run_dir(run_dir)
+        on_exit.callback(release_run_dir, run_dir)
+        on_exit.enter_context(run_log(run_dir / "run.log"))  # library output of this command, after the run's
+        ctx = RunContext(recipe=recipe, run_dir=run_dir, policy=policy, model_source=model_source, tokenizer=tokenizer,
+                         eval_dataset=examples, recorder=RunRecorder.reopen(run_dir))
         with console.status("loading the base model with the run's adapter"):
             ctx.model = recipe.method.load(ctx.load_base_model(), ctx.adapter_dir, recipe.method_options)
-        export(RunState(recipe=recipe, ctx=ctx, record=record, processes=None))
-        # merge_into only means something where the adapter was trained on a 4-bit base (qlora; ia3 with load_in_4bit)
-        trained_on_4bit_base = (hasattr(recipe.method_options, "merge_into")
-                                and recipe.method.quantization_config(recipe.method_options, policy) is not None)
-        record.data["run_info"].setdefault("exports_after_run", []).append({
-            "at": datetime.now(timezone.utc).isoformat(timespec="seconds"), "command": command,
-            "exporters": recipe.resolved_dict()["exporters"], "device": policy.device,
-            "cpu": cpu_description(),
-            **({"merge_into": recipe.method_options.merge_into} if trained_on_4bit_base else {}),
-            "smoke_examples": len(examples),
-            "stages": {f"export:{p.name}": record.data["run_info"]["stages"][f"export:{p.name}"]["status"]
-                       for p, _ in recipe.exporters},
-        })
-        # report.md before run.json, as a run finishes: a kill in between leaves the old record, whole.
-        atomic_write_text(target / "report.md", render_run_report(record.data))
-        record.save()
-    print_export_summary(record.data, recipe, target)
-    return record.data
+        yield ctx
+
+
+def export_entry(ctx, command: str | None) -> ExportAfterRun:
+    """What run_info.exports_after_run records of this export."""
+    recipe, policy = ctx.recipe, ctx.policy
+    # merge_into only means something where the adapter was trained on a 4-bit base (qlora; ia3 with load_in_4bit)
+    trained_on_4bit_base = (hasattr(recipe.method_options, "merge_into")
+                            and recipe.method.quantization_config(recipe.method_options, policy) is not None)
+    stages = ctx.record.run_info.stages
+    return ExportAfterRun(
+        at=datetime.now(timezone.utc).isoformat(timespec="seconds"), command=command,
+        exporters=recipe.resolved_dict()["exporters"], device=policy.device, cpu=cpu_description(),
+        **({"merge_into": recipe.method_options.merge_into} if trained_on_4bit_base else {}),
+        smoke_examples=len(ctx.eval_dataset),
+        stages={f"export:{p.name}": stages[f"export:{p.name}"].status for p, _ in recipe.exporters},
+    )
+
+
+def save_with_report(ctx) -> None:
+    """report.md, then run.json, as a run finishes: a kill in between leaves the old record, whole."""
+    from peftbench.pipeline.report import render_run_report
+
+    atomic_write_text(ctx.run_dir / "report.md", render_run_report(ctx.record))
+    ctx.recorder.save()
 
 
 def what_the_export_reads(recipe, run_dir: Path, *, same_examples_as_the_run: bool = True):
@@ -219,7 +236,7 @@ def _require_same_examples(run_dir: Path, examples, first_n: int | None = None) 
             "point dataset.path=... at the same data the run used (dataset.path is recorded in RUN_DIR/recipe.yaml).")
 
 
-def print_export_summary(record: dict, recipe, run_dir: Path) -> None:
+def print_export_summary(record: RunRecord, recipe, run_dir: Path) -> None:
     from rich.table import Table
 
     from peftbench.files import human_bytes
@@ -228,18 +245,16 @@ def print_export_summary(record: dict, recipe, run_dir: Path) -> None:
     for col in ("export", "status", "files"):
         table.add_column(col)
     for plugin, _ in recipe.exporters:
-        stage = record["run_info"]["stages"].get(f"export:{plugin.name}", {})
-        export = record.get("exports", {}).get(plugin.name, {})
-        files = ", ".join(f"{Path(path).name} ({human_bytes(export.get('sizes', {}).get(label))})"
-                          for label, path in export.get("files", {}).items())
-        status = stage.get("status", "?") + (f": {stage['error']}" if stage.get("error") else "")
+        stage = record.run_info.stages.get(f"export:{plugin.name}")
+        export = record.exports.get(plugin.name) or ExportRecord()
+        files = ", ".join(f"{Path(path).name} ({human_bytes(export.sizes.get(label))})" for label, path in export.files.items())
+        status = (stage.status + (f": {stage.error}" if stage.error else "")) if stage else "?"
         table.add_row(plugin.name, status, files)
     console.print(table)
-    from peftbench.host import get_host
+    from peftbench.pipeline.report import print_plugin_summaries
 
-    get_host().pm.hook.peftbench_print_run_summary(record=record)
+    print_plugin_summaries(record)
     console.print(f"Recorded in [bold]{run_dir / 'run.json'}[/] and report.md")
-
 
 
 def exit_code(record: dict) -> int:

@@ -7,49 +7,58 @@ from pathlib import Path
 from rich.table import Table
 
 from peftbench.console import console
-from peftbench.pipeline.evaluation import ROUGE_CONVENTION, ROUGE_TYPES
 from peftbench.files import human_bytes
 from peftbench.pipeline.environment import versions
+from peftbench.pipeline.evaluation import ROUGE_CONVENTION, ROUGE_TYPES
+from peftbench.pipeline.record import DatasetInfo, MetaInfo, RunRecord, Scores, Stage, SystemInfo, TrainInfo
 
 
-def rouge_rows(record: dict) -> list[tuple[str, list[str]]]:
+# Rows of the ROUGE table, in pipeline order: eval key -> label.
+EVAL_LABELS = {"baseline": "base model", "finetuned": "fine-tuned", "gguf_unquantized": "GGUF", "gguf": "GGUF"}
+
+
+def rouge_rows(record: RunRecord) -> list[tuple[str, list[str]]]:
     """(label, [rouge1, rouge2, rougeL, rougeLsum, n]) for each evaluated model, in pipeline order."""
-    rows = []
-    labels = {"baseline": "base model", "finetuned": "fine-tuned", "gguf_unquantized": "GGUF", "gguf": "GGUF"}
-    for key, label in labels.items():
-        scores = record.get("eval", {}).get(key)
-        if scores:
+    rows, evals = [], record.eval
+    for key, label in EVAL_LABELS.items():
+        scores = evals.get(key)
+        if scores is not None:
             if key.startswith("gguf"):  # the GGUF scores sit under the HF ones, labelled with their type
-                label = f"{label} {scores.get('quant_type', '')} (llama.cpp)".replace("  ", " ")
-            rows.append((label, [f"{scores[k]:.2f}" for k in ROUGE_TYPES] + [str(scores["n"])]))
-        base, tuned = record["eval"].get("baseline"), record["eval"].get("finetuned")
+                label = f"{label} {scores.info.get('quant_type', '')} (llama.cpp)".replace("  ", " ")
+            rows.append((label, _rouge_cells(scores)))
+        base, tuned = evals.get("baseline"), evals.get("finetuned")
         if key == "finetuned" and base and tuned:
-            rows.append(("change", [f"{tuned[k] - base[k]:+.2f}" for k in ROUGE_TYPES] + [""]))
-    for key, scores in record.get("eval", {}).items():
+            rows.append(("change", [f"{tuned.rouge(k) - base.rouge(k):+.2f}" for k in ROUGE_TYPES] + [""]))
+    for key, scores in evals.items():
         if key.startswith("finetuned["):  # `peftbench evaluate`: the same adapter scored with other settings
-            split = (scores.get("settings") or {}).get("split")
+            split = scores.settings.split if scores.settings else None
             label = f"fine-tuned, {key.removeprefix('finetuned[').removesuffix(']')}" + (f" ({split} split)" if split else "")
-            rows.append((label, [f"{scores[k]:.2f}" for k in ROUGE_TYPES] + [str(scores["n"])]))
+            rows.append((label, _rouge_cells(scores)))
     return rows
 
 
-def export_lines(record: dict) -> list[str]:
+def _rouge_cells(scores: Scores) -> list[str]:
+    return [f"{scores.rouge(k):.2f}" for k in ROUGE_TYPES] + [str(scores.n)]
+
+
+def export_lines(record: RunRecord) -> list[str]:
     """Markdown: what each exporter wrote, how big, how long each step took."""
-    exports = record.get("exports") or {}
-    if not exports:
+    if not record.exports:
         return []
     lines = ["", "| export | files | step times |", "| --- | --- | --- |"]
-    for name, export in exports.items():
-        files = ", ".join(f"{Path(path).name} ({human_bytes(export.get('sizes', {}).get(label))})"
-                          for label, path in export.get("files", {}).items())
-        times = export.get("times") or ({"merge_s": export["merge_s"]} if "merge_s" in export else {})
+    for name, export in record.exports.items():
+        files = ", ".join(f"{Path(path).name} ({human_bytes(export.sizes.get(label))})" for label, path in export.files.items())
+        # An exporter's own record: step times under "times", or a merge's time alone (the merged exporter's)
+        info = export.info
+        times = info.get("times") or ({"merge_s": info["merge_s"]} if "merge_s" in info else {})
         steps = ", ".join(f"{k.removesuffix('_s').replace('_', ' ')} {v} s" for k, v in times.items())
         lines.append(f"| {name} | {files} | {steps} |")
     return lines
 
 
-def plugin_sections(record: dict) -> list[str]:
-    """What plugins add to a run's report (``peftbench_run_report_sections``), below its exports."""
+def plugin_sections(record: RunRecord) -> list[str]:
+    """What plugins add to a run's report (``peftbench_run_report_sections``, given the typed record),
+    below its exports."""
     from peftbench.host import get_host
 
     return [line for lines in get_host().pm.hook.peftbench_run_report_sections(record=record) for line in lines]
@@ -63,58 +72,74 @@ def markdown_table(header, rows: list[list[str]], text_columns: int = 1) -> list
             + ["| " + " | ".join(row) + " |" for row in rows])
 
 
-def render_run_report(record: dict) -> str:
-    info, train, meta = record["run_info"], record["train_info"], record["meta_info"]
-    recipe = info["recipe"]
+def render_run_report(record: RunRecord) -> str:
+    """report.md of one run."""
+    lines = _summary_lines(record)
+    lines += export_lines(record)
+    lines += plugin_sections(record)
+    lines += _training_lines(record.train_info)
+    lines += _stage_lines(record.run_info.stages)
+    lines += _environment_lines(record.meta_info)
+    return "\n".join(lines) + "\n"
+
+
+def _summary_lines(record: RunRecord) -> list[str]:
+    info, data = record.run_info, record.meta_info.dataset_info or DatasetInfo()
+    recipe = info.recipe
     lines = [
-        f"# peftbench run: {info['experiment_name']}",
+        f"# peftbench run: {info.experiment_name}",
         "",
-        f"Method **{recipe['method']['name']}** on **{meta.get('model_id')}**, dataset **{recipe['dataset']['name']}** "
-        f"(scored on {meta.get('dataset_info', {}).get('eval_split')}, {meta.get('dataset_info', {}).get('eval_rows')} examples).",
+        f"Method **{recipe.method.name}** on **{record.model_name}**, dataset **{recipe.dataset.name}** "
+        f"(scored on {data.eval_split}, {data.eval_rows} examples).",
         "",
         "| model | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | n |",
         "| --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     lines += [f"| {label} | " + " | ".join(vals) + " |" for label, vals in rouge_rows(record)]
-    lines += ["", ROUGE_CONVENTION]
-    lines += export_lines(record)
-    lines += plugin_sections(record)
-    lines += [
+    return lines + ["", ROUGE_CONVENTION]
+
+
+def _training_lines(train: TrainInfo) -> list[str]:
+    return [
         "",
         "| training | value |",
         "| --- | ---: |",
-        f"| trainable parameters | {train.get('num_trainable_params', 0):,} of {train.get('num_total_params', 0):,} ({train.get('trainable_percent', 0):.3f}%) |",
-        f"| adapter size | {human_bytes(train.get('file_size'))} |",
-        f"| steps | {train.get('steps')} |",
-        f"| global batch | {train.get('global_batch_size')} examples per step over {train.get('num_processes', 1)} process(es) |",
+        f"| trainable parameters | {train.num_trainable_params or 0:,} of {train.num_total_params or 0:,} "
+        f"({train.trainable_percent or 0:.3f}%) |",
+        f"| adapter size | {human_bytes(train.file_size)} |",
+        f"| steps | {train.steps} |",
+        f"| global batch | {train.global_batch_size} examples per step over {train.num_processes or 1} process(es) |",
         f"| train time | {_or_resumed(train, 'train_time', ' s')} |",
         f"| non-pad tokens/s | {_or_resumed(train, 'tokens_per_second')} |",
-        f"| final loss | {_fmt(train.get('final_loss'))} |",
-        f"| peak memory | {human_bytes(train.get('accelerator_memory_max'))} |",
-        "",
-        "| stage | status | seconds |",
-        "| --- | --- | ---: |",
+        f"| final loss | {_fmt(train.final_loss)} |",
+        f"| peak memory | {human_bytes(train.accelerator_memory_max)} |",
     ]
-    for name, st in info["stages"].items():
-        status = st["status"] + (f": {st['error']}" if st.get("error") else "")
-        lines.append(f"| {name} | {status} | {st.get('seconds', '')} |")
-    sysinfo, pkgs = meta.get("system_info", {}), versions(meta.get("package_info", {}))
-    lines += [
-        "",
-        f"Device: {sysinfo.get('accelerator') or sysinfo.get('device')} ({sysinfo.get('compute_dtype')}), "
-        + ", ".join(f"{k} {v}" for k, v in pkgs.items() if v),
-    ]
-    if meta.get("policy_substitutions"):
-        lines += ["", "Substitutions: " + "; ".join(meta["policy_substitutions"])]
-    return "\n".join(lines) + "\n"
+
+
+def _stage_lines(stages: dict[str, Stage]) -> list[str]:
+    lines = ["", "| stage | status | seconds |", "| --- | --- | ---: |"]
+    for name, st in stages.items():
+        status = st.status + (f": {st.error}" if st.error else "")
+        lines.append(f"| {name} | {status} | {'' if st.seconds is None else st.seconds} |")
+    return lines
+
+
+def _environment_lines(meta: MetaInfo) -> list[str]:
+    system, pkgs = meta.system_info or SystemInfo(), versions(meta.package_info)
+    lines = ["", f"Device: {system.accelerator or system.device} ({system.compute_dtype}), "
+             + ", ".join(f"{k} {v}" for k, v in pkgs.items() if v)]
+    if meta.policy_substitutions:
+        lines += ["", "Substitutions: " + "; ".join(meta.policy_substitutions)]
+    return lines
 
 
 def _fmt(x) -> str:
     return f"{x:.4f}" if isinstance(x, (int, float)) else "n/a"
 
 
-def print_rouge_table(record: dict) -> None:
-    table = Table(title=f"ROUGE on {record['meta_info'].get('dataset_info', {}).get('eval_split')} split")
+def print_rouge_table(record: RunRecord) -> None:
+    split = (record.meta_info.dataset_info or DatasetInfo()).eval_split
+    table = Table(title=f"ROUGE on {split} split")
     for col in ("model", "ROUGE-1", "ROUGE-2", "ROUGE-L", "ROUGE-Lsum", "n"):
         table.add_column(col, justify="left" if col == "model" else "right")
     for label, vals in rouge_rows(record):
@@ -122,15 +147,21 @@ def print_rouge_table(record: dict) -> None:
     console.print(table)
 
 
-def print_run_summary(record: dict, run_dir: Path) -> None:
+def print_run_summary(record: RunRecord, run_dir: Path) -> None:
     print_rouge_table(record)
-    from peftbench.host import get_host
-
-    get_host().pm.hook.peftbench_print_run_summary(record=record)
+    print_plugin_summaries(record)
     console.print(f"Run written to [bold]{run_dir}[/] (run.json, report.md, adapter/, predictions)")
 
 
-def _or_resumed(train: dict, key: str, unit: str = "") -> str:
-    if train.get(key) is None and train.get("resumed_from_step") is not None:
-        return f"unknown (resumed from step {train['resumed_from_step']})"
-    return f"{train.get(key)}{unit}"
+def print_plugin_summaries(record: RunRecord) -> None:
+    """What plugins print of a run's or an export's results (``peftbench_print_run_summary``, given the typed record)."""
+    from peftbench.host import get_host
+
+    get_host().pm.hook.peftbench_print_run_summary(record=record)
+
+
+def _or_resumed(train: TrainInfo, key: str, unit: str = "") -> str:
+    value = getattr(train, key)
+    if value is None and train.resumed_from_step is not None:
+        return f"unknown (resumed from step {train.resumed_from_step})"
+    return f"{value}{unit}"

@@ -1,7 +1,7 @@
 """The pipeline: data, baseline evaluation, method, training, adapter, evaluation, exports, record.
 
 ``run_recipe`` reads as its stages, each a short function below it. Each stage's status, time and
-error go into run.json as soon as the stage ends (``RunRecord.stage``), so a crash or a kill leaves a
+error go into run.json as soon as the stage ends (``RunRecorder.stage``), so a crash or a kill leaves a
 truthful record, and a failing export never takes the adapter or the scores with it.
 """
 
@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import shutil
 from contextlib import ExitStack
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from peftbench.console import console
 from peftbench.errors import PeftbenchError
-from peftbench.files import atomic_directory, atomic_write_text, dir_size, read_json
+from peftbench.files import atomic_directory, atomic_write_text, dir_size
 from peftbench.pipeline import distributed
 from peftbench.pipeline.context import RunContext
 from peftbench.pipeline.device import resolve_policy
@@ -27,8 +26,9 @@ from peftbench.pipeline.environment import package_versions, system_info
 from peftbench.pipeline.evaluation import evaluate_model
 from peftbench.pipeline.modeling import load_tokenizer, resolve_model_source
 from peftbench.pipeline.recipe import ResolvedRecipe
-from peftbench.pipeline.record import (RunRecord, default_run_dir as run_dir_for, memory_summary, peft_config_record,
-                                       peft_test_summary, recorded_status)
+from peftbench.pipeline.record import (DatasetInfo, ExportRecord, MetaInfo, RunRecorder, Scores, SystemInfo, TrainInfo,
+                                       default_run_dir as run_dir_for, memory_summary, peft_config_record,
+                                       peft_test_summary, read_record, recorded_status)
 from peftbench.pipeline.report import print_run_summary, render_run_report
 from peftbench.pipeline.resources import (count_parameters, disk_full_as_error, ensure_free_disk, out_of_memory_as_error,
                                           trainable_bytes)
@@ -155,8 +155,8 @@ INPUT_STAGES = ("data", "model")
 
 def _never_started(run_dir: Path) -> bool:
     try:
-        stages = read_json(run_dir / "run.json")["run_info"]["stages"]
-    except (OSError, ValueError, KeyError, TypeError):
+        stages = read_record(run_dir).run_info.stages
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return False
     return set(stages) <= set(INPUT_STAGES)
 
@@ -174,53 +174,35 @@ def _remove_run_files(run_dir: Path, keep_dir: bool = False) -> None:
         run_dir.rmdir()
 
 
-@dataclass
-class RunState:
-    """One run in progress: what the stages share."""
-
-    recipe: ResolvedRecipe
-    ctx: RunContext
-    record: RunRecord
-    processes: Any  # distributed.Processes: which process this is, and how to wait for the others
-    data: Any = None  # LoadedDataset
-    eval_split: Any = None
-    base: Any = None  # the base model, before the method is applied
-    train_rows: int = 0
-
-    @property
-    def r(self):
-        return self.recipe.recipe
-
-
 def run_recipe(recipe: ResolvedRecipe, run_dir: Path | None = None, *, resume: bool = False, overwrite: bool = False) -> dict:
-    """Run one recipe end to end; returns the run record (also written to run_dir/run.json)."""
+    """Run one recipe end to end; returns the run record as run_dir/run.json holds it."""
     run_dir = Path(run_dir or default_run_dir(recipe))
     fresh = not run_dir.exists() or not any(run_dir.iterdir())
     with ExitStack() as on_exit:
         # The process may go on (tests, comparisons): let the next run have the directory.
         on_exit.callback(release_run_dir, run_dir)
-        run = start(recipe, run_dir, resume=resume, overwrite=overwrite, on_exit=on_exit)
+        ctx = start(recipe, run_dir, resume=resume, overwrite=overwrite, on_exit=on_exit)
         try:
-            load_data(run)
-            load_base_model(run)
+            load_data(ctx)
+            load_base_model(ctx)
         except PeftbenchError:
             if fresh and _never_started(run_dir):
                 _remove_run_files(run_dir)  # bad data or model: nothing ran, nothing to keep
             raise
-        evaluate_baseline(run)
-        apply_method(run)
-        train(run)
+        evaluate_baseline(ctx)
+        apply_method(ctx)
+        train(ctx)
         # Training was the one stage that needs every process; the rest happens once, on the main one.
-        if run.processes.is_main:
-            save_adapter(run)
-            evaluate_finetuned(run)
-            export(run)
-            finish(run)
-        run.processes.close()
-        return run.record.data
+        if ctx.processes.is_main:
+            save_adapter(ctx)
+            evaluate_finetuned(ctx)
+            export(ctx)
+            finish(ctx)
+        ctx.processes.close()
+        return ctx.record.as_json()
 
 
-def start(recipe: ResolvedRecipe, run_dir: Path, *, resume: bool, overwrite: bool, on_exit: ExitStack) -> RunState:
+def start(recipe: ResolvedRecipe, run_dir: Path, *, resume: bool, overwrite: bool, on_exit: ExitStack) -> RunContext:
     """The run directory (claimed), run.json from the first moment, then recipe.yaml."""
     policy = resolve_policy(recipe.recipe.model.dtype)
     # Under `accelerate launch` every process trains; only the main one touches the run directory.
@@ -228,32 +210,32 @@ def start(recipe: ResolvedRecipe, run_dir: Path, *, resume: bool, overwrite: boo
     processes.on_main(prepare_run_dir, run_dir, resume=resume, overwrite=overwrite)
     if resume:
         processes.on_main(require_same_recipe, run_dir, recipe.resolved_dict())
-    record = RunRecord(recipe.resolved_dict(), run_dir, writes=processes.is_main)
-    record.save()  # run.json from the first moment: it marks the directory as a peftbench run
+    recorder = RunRecorder.start(recipe.resolved_dict(), run_dir, writes=processes.is_main)
+    recorder.save()  # run.json from the first moment: it marks the directory as a peftbench run
     if processes.is_main:
         from peftbench.library_output import quiet_progress_bars, run_log
 
         quiet_progress_bars()  # transformers and datasets are imported by now
         on_exit.enter_context(run_log(run_dir / "run.log"))  # library output, for this run
         atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.resolved_dict(), sort_keys=False))
-    ctx = RunContext(recipe=recipe, run_dir=run_dir, policy=policy, model_source="", resume=resume, record=record.data)
-    record.data["meta_info"] = {"model_id": recipe.recipe.model.name, "package_info": package_versions(),
-                                "system_info": system_info(policy), "policy_substitutions": policy.substitutions}
-    return RunState(recipe=recipe, ctx=ctx, record=record, processes=processes)
+    meta = recorder.record.meta_info = MetaInfo(model_id=recipe.recipe.model.name, package_info=package_versions(),
+                                                system_info=SystemInfo.model_validate(system_info(policy)))
+    meta.policy_substitutions = policy.substitutions  # the same list: what the policy notes later is recorded too
+    return RunContext(recipe=recipe, run_dir=run_dir, policy=policy, model_source="", resume=resume, recorder=recorder,
+                      processes=processes)
 
 
-def load_data(run: RunState) -> None:
-    r, policy = run.r, run.ctx.policy
-    with run.record.stage("data") as st, run.processes.main_first():
-        run.data = run.recipe.dataset.load(run.recipe.dataset_options, r.seed)
-        if r.evaluation.split != "selection" and not {"validation", "test"} & set(run.data.splits):
+def load_data(ctx: RunContext) -> None:
+    r, policy = ctx.recipe.recipe, ctx.policy
+    with ctx.recorder.stage("data") as st, ctx.processes.main_first():
+        ctx.data = ctx.recipe.dataset.load(ctx.recipe.dataset_options, r.seed)
+        if r.evaluation.split != "selection" and not {"validation", "test"} & set(ctx.data.splits):
             raise PeftbenchError("the dataset has only a train split, and peftbench evaluates on a test or validation split.",
                                  "add validation.jsonl (or test.jsonl) beside train.jsonl, in the same format.")
-        split_name, split = evaluation_split(r.evaluation, run.data, policy)
-        run.eval_split = run.ctx.eval_dataset = split
-        run.record.data["meta_info"]["dataset_info"] = {"name": run.recipe.dataset.name, **run.data.stats,
-                                                        "eval_split": split_name, "eval_rows": len(split)}
-        st["rows"] = run.data.stats.get("rows")
+        split_name, ctx.eval_dataset = evaluation_split(r.evaluation, ctx.data, policy)
+        ctx.record.meta_info.dataset_info = DatasetInfo.model_validate(
+            {"name": ctx.recipe.dataset.name, **ctx.data.stats, "eval_split": split_name, "eval_rows": len(ctx.eval_dataset)})
+        st.rows = ctx.data.stats.get("rows")
 
 
 # The selection split is drawn with its own fixed seed, not the run's: every run and every seed of a
@@ -288,13 +270,13 @@ def evaluation_split(evaluation, data, policy) -> tuple[str, Any]:
     return split_name, split
 
 
-def load_base_model(run: RunState) -> None:
-    r, ctx = run.r, run.ctx
-    with run.record.stage("model"), run.processes.main_first():  # a GGUF is dequantised into the cache once
-        ctx.model_source = resolve_model_source(r.model.name, r.model.gguf_file)
-        ctx.tokenizer = load_tokenizer(ctx.model_source, r.model.trust_remote_code, r.model.revision)
-        run.base = ctx.load_base_model()
-        require_targets_exist(run.base, getattr(run.recipe.method_options, "target_modules", None))
+def load_base_model(ctx: RunContext) -> None:
+    model = ctx.recipe.recipe.model
+    with ctx.recorder.stage("model"), ctx.processes.main_first():  # a GGUF is dequantised into the cache once
+        ctx.model_source = resolve_model_source(model.name, model.gguf_file)
+        ctx.tokenizer = load_tokenizer(ctx.model_source, model.trust_remote_code, model.revision)
+        ctx.base_model = ctx.load_base_model()
+        require_targets_exist(ctx.base_model, getattr(ctx.recipe.method_options, "target_modules", None))
 
 
 def require_targets_exist(model, targets) -> None:
@@ -312,48 +294,48 @@ def require_targets_exist(model, targets) -> None:
                              f"use names of its modules, e.g. {', '.join(leaves[:12])}.")
 
 
-def evaluate_baseline(run: RunState) -> None:
-    if run.r.evaluation.baseline and run.processes.is_main:
-        with run.record.stage("baseline_eval"), out_of_memory_as_error("baseline_eval", run.recipe):
-            baseline = evaluate_with_progress("baseline", run.base, run.ctx.tokenizer, run.recipe, run.eval_split)
-            run.record.data["eval"]["baseline"] = baseline.as_record()
-            _write_predictions(run.ctx.run_dir / "predictions_baseline.jsonl", run.eval_split, baseline.predictions)
-    run.processes.wait_for_everyone()  # the others wait while the main process scores the base model
+def evaluate_baseline(ctx: RunContext) -> None:
+    if ctx.recipe.recipe.evaluation.baseline and ctx.processes.is_main:
+        with ctx.recorder.stage("baseline_eval"), out_of_memory_as_error("baseline_eval", ctx.recipe):
+            baseline = evaluate_with_progress("baseline", ctx.base_model, ctx.tokenizer, ctx.recipe, ctx.eval_dataset)
+            ctx.record.eval["baseline"] = Scores.model_validate(baseline.as_record())
+            _write_predictions(ctx.run_dir / "predictions_baseline.jsonl", ctx.eval_dataset, baseline.predictions)
+    ctx.processes.wait_for_everyone()  # the others wait while the main process scores the base model
 
 
-def apply_method(run: RunState) -> None:
-    recipe, ctx, record = run.recipe, run.ctx, run.record.data
-    with run.record.stage("method"):
+def apply_method(ctx: RunContext) -> None:
+    recipe, train_info = ctx.recipe, ctx.record.train_info
+    with ctx.recorder.stage("method"):
         from transformers import set_seed
 
-        set_seed(run.r.seed)  # the method's initialisation (LoRA's A matrices, prefixes) is part of what the seed fixes
-        ctx.model = recipe.method.apply(run.base, recipe.method_options, ctx)
+        set_seed(recipe.recipe.seed)  # the method's initialisation (LoRA's A matrices, prefixes) is part of what the seed fixes
+        ctx.model = recipe.method.apply(ctx.base_model, recipe.method_options, ctx)
         trainable, total = count_parameters(ctx.model)
-        record["train_info"].update(num_trainable_params=trainable, num_total_params=total,
-                                    trainable_percent=round(100 * trainable / total, 4))
+        train_info.num_trainable_params, train_info.num_total_params = trainable, total
+        train_info.trainable_percent = round(100 * trainable / total, 4)
         uses_peft = recipe.method.capabilities.uses_peft  # a peft.PeftModel, with the peft_config peft's tools read
-        record["run_info"]["peft_config"] = peft_config_record(ctx.model.peft_config) if uses_peft else None
+        ctx.record.run_info.peft_config = peft_config_record(ctx.model.peft_config) if uses_peft else None
         console.print(f"{recipe.method.name}: {trainable:,} trainable of {total:,} parameters ({100 * trainable / total:.3f}%)")
 
 
-def train(run: RunState) -> None:
+def train(ctx: RunContext) -> None:
     from peftbench.pipeline.chat import tokenize_for_training
 
-    recipe, ctx, r = run.recipe, run.ctx, run.r
-    with run.record.stage("train"), out_of_memory_as_error("training", recipe), disk_full_as_error("training", ctx.run_dir):
-        with run.processes.main_first():  # datasets caches the tokenised splits: one process writes them
-            train_ds = tokenize_for_training(run.data.splits["train"], ctx.tokenizer, r.prompt)
+    recipe, prompt = ctx.recipe, ctx.recipe.recipe.prompt
+    with ctx.recorder.stage("train"), out_of_memory_as_error("training", recipe), disk_full_as_error("training", ctx.run_dir):
+        with ctx.processes.main_first():  # datasets caches the tokenised splits: one process writes them
+            train_ds = tokenize_for_training(ctx.data.splits["train"], ctx.tokenizer, prompt)
             # the loss logged on held-out rows (trainer.eval_steps) uses the selection split when there is one
-            val = run.data.splits.get("selection", run.data.splits.get("validation"))
-            val_ds = tokenize_for_training(val, ctx.tokenizer, r.prompt) if val is not None else None
+            val = ctx.data.splits.get("selection", ctx.data.splits.get("validation"))
+            val_ds = tokenize_for_training(val, ctx.tokenizer, prompt) if val is not None else None
         result = recipe.trainer.train(ctx.model, ctx.tokenizer, train_ds, val_ds, recipe.trainer_options, ctx)
-        run.train_rows = len(train_ds)
-        record_training(run.record.data["train_info"], result, run.processes.num_processes)
+        ctx.train_rows = len(train_ds)
+        record_training(ctx.record.train_info, result, ctx.processes.num_processes)
 
 
-def record_training(train_info: dict, result, num_processes: int) -> None:
+def record_training(train_info: TrainInfo, result, num_processes: int) -> None:
     """A TrainResult in run.json's train_info (peft's key names)."""
-    train_info.update(
+    figures = dict(
         status="success", train_time=round(result.train_time_s, 2), steps=result.steps,
         tokens_seen=result.tokens_seen, tokens_per_second=round(result.tokens_seen / max(result.train_time_s, 1e-9), 1),
         final_loss=result.final_loss, accelerator_memory_max=result.peak_memory_bytes, metrics=result.loss_history,
@@ -363,48 +345,50 @@ def record_training(train_info: dict, result, num_processes: int) -> None:
     if result.resumed_from_step is not None:
         # Time, speed and peak memory of a resumed run cover only the steps after the checkpoint
         # (none at all when it was the last): report them as unknown rather than wrong.
-        train_info.update(resumed_from_step=result.resumed_from_step, train_time=None,
-                          tokens_per_second=None, accelerator_memory_max=None)
+        figures.update(resumed_from_step=result.resumed_from_step, train_time=None,
+                       tokens_per_second=None, accelerator_memory_max=None)
+    for name, value in figures.items():
+        setattr(train_info, name, value)
 
 
-def save_adapter(run: RunState) -> None:
-    ctx = run.ctx
-    with run.record.stage("save_adapter"), disk_full_as_error("the adapter save", ctx.run_dir):
+def save_adapter(ctx: RunContext) -> None:
+    with ctx.recorder.stage("save_adapter"), disk_full_as_error("the adapter save", ctx.run_dir):
         ensure_free_disk(ctx.run_dir, trainable_bytes(ctx.model), "the adapter")
         with atomic_directory(ctx.adapter_dir) as tmp:  # a kill mid-save never leaves a half adapter
-            run.recipe.method.save(ctx.model, tmp)
-        run.record.data["train_info"]["file_size"] = dir_size(ctx.adapter_dir)
+            ctx.recipe.method.save(ctx.model, tmp)
+        ctx.record.train_info.file_size = dir_size(ctx.adapter_dir)
 
 
-def evaluate_finetuned(run: RunState) -> None:
-    ctx, record = run.ctx, run.record.data
-    with run.record.stage("finetuned_eval"), out_of_memory_as_error("finetuned_eval", run.recipe):
-        finetuned = evaluate_with_progress("fine-tuned", ctx.model, ctx.tokenizer, run.recipe, run.eval_split)
-        record["eval"]["finetuned"] = finetuned.as_record()
-        record["train_info"]["metrics"].append(peft_test_summary(record, train_rows=run.train_rows))
-        _write_predictions(ctx.run_dir / "predictions_finetuned.jsonl", run.eval_split, finetuned.predictions)
+def evaluate_finetuned(ctx: RunContext) -> None:
+    record = ctx.record
+    with ctx.recorder.stage("finetuned_eval"), out_of_memory_as_error("finetuned_eval", ctx.recipe):
+        finetuned = evaluate_with_progress("fine-tuned", ctx.model, ctx.tokenizer, ctx.recipe, ctx.eval_dataset)
+        record.eval["finetuned"] = Scores.model_validate(finetuned.as_record())
+        record.train_info.metrics.append(peft_test_summary(record, train_rows=ctx.train_rows))
+        _write_predictions(ctx.run_dir / "predictions_finetuned.jsonl", ctx.eval_dataset, finetuned.predictions)
 
 
-def export(run: RunState) -> None:
+def export(ctx: RunContext) -> None:
     """Each exporter in the recipe's order; a failed export is recorded and the run goes on."""
-    ctx = run.ctx
-    for exporter, options in run.recipe.exporters:
-        with run.record.stage(f"export:{exporter.name}", fatal=False) as st:
+    record = ctx.record
+    for exporter, options in ctx.recipe.exporters:
+        with ctx.recorder.stage(f"export:{exporter.name}", fatal=False) as st:
             ensure_free_disk(ctx.exports_dir, exporter.estimated_bytes(options, ctx), f"the {exporter.name} export")
             result = ctx.exports[exporter.name] = exporter.export(options, ctx)
-            run.record.data["exports"][exporter.name] = {"files": result.files, "sizes": result.sizes, **result.info}
-            run.record.data["eval"].update(result.scores)
+            record.exports[exporter.name] = ExportRecord.model_validate({"files": result.files, "sizes": result.sizes,
+                                                                         **result.info})
+            record.eval.update({name: Scores.model_validate(scores) for name, scores in result.scores.items()})
             if result.problems:
-                st.update(status="failed", error="; ".join(result.problems))
-                console.print(f"[red]export {exporter.name}:[/] {st['error']}")
+                st.status, st.error = "failed", "; ".join(result.problems)
+                console.print(f"[red]export {exporter.name}:[/] {st.error}")
 
 
-def finish(run: RunState) -> None:
-    run.record.data["run_info"]["status"] = "success"
+def finish(ctx: RunContext) -> None:
+    ctx.record.run_info.status = "success"
     # report.md before run.json says success: a kill in between leaves a run that --resume finishes.
-    atomic_write_text(run.ctx.run_dir / "report.md", render_run_report(run.record.data))
-    run.record.save()
-    print_run_summary(run.record.data, run.ctx.run_dir)
+    atomic_write_text(ctx.run_dir / "report.md", render_run_report(ctx.record))
+    ctx.recorder.save()
+    print_run_summary(ctx.record, ctx.run_dir)
 
 
 def evaluate_with_progress(label: str, model, tokenizer, recipe: ResolvedRecipe, split):

@@ -19,7 +19,7 @@ class AdapterExporter(ExporterPlugin):
     name = "adapter"
 
     def export(self, options, ctx) -> ExportResult:
-        atomic_write_text(ctx.adapter_dir / "README.md", model_card(ctx.record, ctx.recipe.resolved_dict()))
+        atomic_write_text(ctx.adapter_dir / "README.md", model_card(ctx.record.as_json(), ctx.recipe.resolved_dict()))
         return ExportResult(files={"adapter": str(ctx.adapter_dir)}, sizes={"adapter": dir_size(ctx.adapter_dir)})
 
 

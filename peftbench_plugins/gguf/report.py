@@ -1,57 +1,65 @@
 """What the GGUF plugin adds to reports: a run's report.md (the GGUF's agreement with the HF model,
 the table of quantisation types), the comparison report (section "GGUF exports") and the terminal.
 
-These read the plugin's own layout of run.json: ``eval.gguf`` / ``eval.gguf_unquantized`` (the smoke
-tests' ``SmokeResult.as_record``) and ``exports.gguf`` (the exporter's files, sizes and ``info``:
-``quant_type``, ``quantizations`` when it wrote several types).
+Each receives the typed run record (``peftbench.api.RunRecord``, the report hooks' contract) and reads
+what peftbench owns as typed fields (the run's name, ``run_info.exports_after_run``, the method's
+options) and this plugin's own layout through the record's open parts: ``eval["gguf"]`` /
+``eval["gguf_unquantized"]`` (the smoke tests' ``SmokeResult.as_record``: ROUGE and ``n`` typed, the rest
+in ``.info``) and ``exports["gguf"]`` (the exporter's files and sizes, and in ``.info`` its ``quant_type``
+and ``quantizations`` when it wrote several types).
 """
 
 from __future__ import annotations
 
 from rich.table import Table
 
+from peftbench.api import RunRecord
 from peftbench.kit import console, human_bytes, markdown_table
 from peftbench_plugins.gguf.smoke import smoke_summary
 
 # --- a run's report.md ---------------------------------------------------------------------------
 
 
-def run_report_lines(record: dict) -> list[str]:
+def run_report_lines(record: RunRecord) -> list[str]:
     """The run report's GGUF lines, below the table of exports."""
     return agreement_lines(record) + quantization_lines(record)
 
 
-def agreement_lines(record: dict) -> list[str]:
+def agreement_lines(record: RunRecord) -> list[str]:
     """How each smoke-tested GGUF's answers compare with the fine-tuned model's (one sentence each)."""
-    if not record.get("exports"):
+    if not record.exports:
         return []
     lines = []
     for key in ("gguf_unquantized", "gguf"):
-        gguf = record.get("eval", {}).get(key)
-        if gguf and gguf.get("agreement_with_hf"):
-            lines.append(f"\nGGUF {gguf.get('quant_type', '')} vs fine-tuned HF model on the same {gguf['n']} examples: "
-                         f"ROUGE-1 {gguf['rouge1']:.2f} vs {gguf['hf_rouge1_same_examples']:.2f}, agreement (ROUGE-1 of "
-                         f"GGUF answers against HF answers) {gguf['agreement_with_hf']['rouge1']:.2f}; "
-                         f"{gguf['ended_at_eot']} of {gguf['n']} answers ended at end-of-turn.")
+        scores = record.eval.get(key)
+        smoke = scores.info if scores is not None else {}
+        if smoke.get("agreement_with_hf"):
+            lines.append(f"\nGGUF {smoke.get('quant_type', '')} vs fine-tuned HF model on the same {scores.n} examples: "
+                         f"ROUGE-1 {scores.rouge1:.2f} vs {smoke['hf_rouge1_same_examples']:.2f}, agreement (ROUGE-1 of "
+                         f"GGUF answers against HF answers) {smoke['agreement_with_hf']['rouge1']:.2f}; "
+                         f"{smoke['ended_at_eot']} of {scores.n} answers ended at end-of-turn.")
     return lines
 
 
 QUANT_COLUMNS = ("type", "size", "ROUGE-1", "HF ROUGE-1", "change", "agreement", "tokens/s", "smoke")
 
 
-def gguf_quantizations(record: dict) -> list[dict]:
+def gguf_quantizations(record: RunRecord) -> list[dict]:
     """Each GGUF type the gguf exporter wrote, as ``{quant_type, size, smoke}`` with ``smoke`` the
     exporter's summary of its smoke test (None where it did not run). The exporter lists them under
     ``exports.gguf.quantizations`` when it wrote several types; a single type is read from
     ``eval.gguf`` and the export's file size, so records of either kind give the same rows."""
-    gguf_export = (record.get("exports") or {}).get("gguf") or {}
-    if gguf_export.get("quantizations"):
-        return gguf_export["quantizations"]
-    scores = (record.get("eval") or {}).get("gguf")
-    if not gguf_export and not scores:
+    export = record.exports.get("gguf")
+    info = export.info if export is not None else {}
+    if info.get("quantizations"):
+        return info["quantizations"]
+    scores = record.eval.get("gguf")
+    if (export is None or not export.as_json()) and scores is None:
         return []
-    quant_type = (scores or {}).get("quant_type") or gguf_export.get("quant_type")
-    return [{"quant_type": quant_type, "size": (gguf_export.get("sizes") or {}).get("gguf"), "smoke": smoke_summary(scores)}]
+    quant_type = (scores.info.get("quant_type") if scores is not None else None) or info.get("quant_type")
+    size = export.sizes.get("gguf") if export is not None else None
+    smoke = smoke_summary(scores.as_json() if scores is not None else None)  # eval.gguf as the smoke test wrote it
+    return [{"quant_type": quant_type, "size": size, "smoke": smoke}]
 
 
 def quantization_row(q: dict) -> list[str]:
@@ -65,7 +73,7 @@ def quantization_row(q: dict) -> list[str]:
             "not run" if not smoke else "passed" if smoke.get("passed") else "failed"]
 
 
-def quantization_rows(record: dict) -> list[list[str]]:
+def quantization_rows(record: RunRecord) -> list[list[str]]:
     return [quantization_row(q) for q in gguf_quantizations(record)]
 
 
@@ -85,7 +93,7 @@ def smoke_examples(quantizations: list[dict]) -> int | None:
     return next((q["smoke"]["n"] for q in quantizations if q.get("smoke")), None)
 
 
-def quantization_lines(record: dict) -> list[str]:
+def quantization_lines(record: RunRecord) -> list[str]:
     quantizations = gguf_quantizations(record)
     if len(quantizations) < 2:  # one type: agreement_lines' sentence says it all
         return []
@@ -94,7 +102,7 @@ def quantization_lines(record: dict) -> list[str]:
                 "that keeps the quality):", "", *markdown_table(QUANT_COLUMNS, [quantization_row(q) for q in quantizations])]
 
 
-def print_quantization_table(record: dict) -> None:
+def print_quantization_table(record: RunRecord) -> None:
     rows = quantization_rows(record)
     if len(rows) < 2:
         return
@@ -117,35 +125,40 @@ COMPARISON_INTRO = [
 ]
 
 
-def comparison_lines(records: list[dict]) -> list[str]:
+def comparison_lines(records: list[RunRecord]) -> list[str]:
     """Section "GGUF exports": one row per run and GGUF type, the columns of a run's own quantisation
     table; nothing when no run has a GGUF."""
-    rows = []
-    for record in records:
-        after = (record["run_info"].get("exports_after_run") or [{}])[-1]
-        method = (record["run_info"].get("recipe") or {}).get("method") or {}
-        merge_into = after.get("merge_into") or method.get("merge_into")
-        if method.get("load_in_4bit") is False:  # a 16-bit base: merge_into did not apply (older exports recorded it)
-            merge_into = None
-        where = "in the run" if not after else after.get("device", "?") + (f": {after['cpu']}" if after.get("cpu") else "")
-        quantizations = gguf_quantizations(record)
-        examples = smoke_examples(quantizations)
-        name = record["run_info"]["experiment_name"]
-        rows += [[name, where, merge_into or "—", str(examples or "—"), *quantization_row(q)] for q in quantizations]
+    rows = [row for record in records for row in comparison_rows(record)]
     if not rows:
         return []
     return COMPARISON_INTRO + markdown_table(["run", "exported on", "merged into", "examples", *QUANT_COLUMNS], rows,
                                              text_columns=3) + [""]
 
 
+def comparison_rows(record: RunRecord) -> list[list[str]]:
+    """One run's rows of section "GGUF exports": where its last export ran (or "in the run"), the
+    weights a 4-bit adapter was merged into, the smoke test's examples, and a quantisation row per type."""
+    exports_after_run = record.run_info.exports_after_run
+    after = exports_after_run[-1] if exports_after_run else None
+    method = record.run_info.recipe.method.options
+    merge_into = (after.merge_into if after else None) or method.get("merge_into")
+    if method.get("load_in_4bit") is False:  # a 16-bit base: merge_into did not apply (older exports recorded it)
+        merge_into = None
+    where = "in the run" if after is None else (after.device or "?") + (f": {after.cpu}" if after.cpu else "")
+    quantizations = gguf_quantizations(record)
+    examples = smoke_examples(quantizations)
+    return [[record.name, where, merge_into or "—", str(examples or "—"), *quantization_row(q)] for q in quantizations]
+
+
 # --- the terminal --------------------------------------------------------------------------------
 
 
-def print_summary(record: dict) -> None:
+def print_summary(record: RunRecord) -> None:
     """After a run or an export: the first GGUF's agreement with the HF model, and the table of types."""
-    gguf = record.get("eval", {}).get("gguf")
-    if gguf and gguf.get("hf_rouge1_same_examples") is not None:
-        console.print(f"GGUF {gguf.get('quant_type')}: ROUGE-1 {gguf['rouge1']:.2f} vs the HF model's "
-                      f"{gguf['hf_rouge1_same_examples']:.2f} on the same {gguf['n']} examples, agreement "
-                      f"{gguf['agreement_with_hf']['rouge1']:.2f}, {gguf['ended_at_eot']} of {gguf['n']} ended at end-of-turn")
+    scores = record.eval.get("gguf")
+    smoke = scores.info if scores is not None else {}
+    if smoke.get("hf_rouge1_same_examples") is not None:
+        console.print(f"GGUF {smoke.get('quant_type')}: ROUGE-1 {scores.rouge1:.2f} vs the HF model's "
+                      f"{smoke['hf_rouge1_same_examples']:.2f} on the same {scores.n} examples, agreement "
+                      f"{smoke['agreement_with_hf']['rouge1']:.2f}, {smoke['ended_at_eot']} of {scores.n} ended at end-of-turn")
     print_quantization_table(record)
