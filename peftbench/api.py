@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict
 
 from peftbench.errors import PeftbenchError, StageRefused, did_you_mean  # PeftbenchError, StageRefused: for plugins
 from peftbench.pipeline.context import RunContext
-from peftbench.pipeline.record import RunRecord  # the run record report hooks receive (and ``RunContext.record``)
+from peftbench.pipeline.record import RunRecord, Scores  # the run record report hooks receive (and ``RunContext.record``)
 from peftbench.pipeline.resources import merged_model_bytes
 
 if TYPE_CHECKING:  # heavy imports only for type checkers
@@ -162,8 +162,13 @@ class ExporterPlugin:
     Options: ClassVar[type[Options]] = Options
     # Capabilities a method must declare for this exporter to run (checked at validation time).
     requires: ClassVar[tuple[str, ...]] = ()
-    # Exporters whose files this one reads: validation wants them earlier in the recipe's list.
+    # Exporters whose files this one reads: validation wants them earlier in the recipe's list, and
+    # `peftbench export --to NAME` runs them first.
     after: ClassVar[tuple[str, ...]] = ()
+    # `peftbench export` on a finished run: whether it runs this exporter when --to is not given, and the
+    # options it sets for it there (e.g. a smoke test against the run's own answers).
+    export_default: ClassVar[bool] = False
+    after_run_options: ClassVar[dict[str, Any]] = {}
 
     def missing_capabilities(self, capabilities: Capabilities) -> list[str]:
         """What ``requires`` names and a method with these capabilities lacks (empty: it can run)."""
@@ -324,6 +329,11 @@ def peftbench_run_report_sections(record: RunRecord) -> list[str]:
 @hookspec
 def peftbench_comparison_report_sections(records: list[RunRecord]) -> list[str]:
     "Return Markdown lines (``## Heading`` and body) for the comparison report over these runs' typed records."
+
+
+@hookspec(firstresult=True)
+def peftbench_score_label(key: str, scores: Scores) -> str | None:
+    "Return the ROUGE table's label for the ``eval.<key>`` scores this plugin's exporter recorded, or None."
 
 
 @hookspec

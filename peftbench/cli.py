@@ -253,7 +253,7 @@ def _cmd_export(args) -> int:
     quant_types = [t for t in args.quant_type or [] if "=" not in t] or None
     overrides = [*args.overrides, *(t for t in [*args.to, *(args.quant_type or [])] if "=" in t)]
     with _sigterm_as_interrupt():
-        record = export_run(args.run_dir, to=to, quant_types=quant_types, output_dir=args.output_dir,
+        record = export_run(args.run_dir, to=to or None, quant_types=quant_types, output_dir=args.output_dir,
                             overrides=overrides, command=command)
     return exit_code(record)
 
@@ -269,8 +269,10 @@ def _export_parser(sub) -> None:
     export.add_argument("overrides", nargs="*", metavar="key=value",
                         help="exporter options as NAME.key=value (gguf.margin=2, ollama.live_check=false, merged.dtype=float16), "
                              "or where the base model/data are on this machine (model.name=..., dataset.path=...)")
-    export.add_argument("--to", nargs="+", default=["gguf"], metavar="FORMAT",
-                        help="merged, gguf and/or ollama (default: gguf; ollama also writes the GGUF)")
+    export.add_argument("--to", nargs="+", default=[], metavar="FORMAT",
+                        help="exporters to run, e.g. merged, gguf, ollama (`peftbench plugins` lists them; default: those "
+                             "that export a finished run by default, gguf; an exporter that reads another's files, as "
+                             "ollama reads the GGUF, brings it along)")
     export.add_argument("--quant-type", nargs="+", metavar="TYPE",
                         help="llama.cpp quantisation type(s), e.g. Q4_K_M Q5_K_M Q8_0: each is quantised from one f16 "
                              "conversion and smoke-tested, and a table compares them (default: the run recipe's, else Q4_K_M)")

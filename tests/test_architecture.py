@@ -154,3 +154,18 @@ def test_no_function_in_the_package_is_over_50_lines():
                     if lines > MAX_FUNCTION_LINES:
                         long.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name} ({lines} lines)")
     assert long == []
+
+
+def test_core_names_no_exporter_of_a_plugin():
+    """The run pipeline and comparisons know exporters only through the registry and the hooks: no string in
+    them names the GGUF plugin's exporters or score keys (environment.py lists the gguf *package*'s version)."""
+    plugin_names = {"gguf", "gguf_unquantized", "ollama"}
+    named = []
+    for folder in ("peftbench/pipeline", "peftbench/compare"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            if path.name == "environment.py":
+                continue
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Constant) and node.value in plugin_names:
+                    named.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.value!r}")
+    assert named == []

@@ -166,7 +166,7 @@ def test_bad_input_is_one_line_and_writes_nothing(lora_run, tmp_path, capsys):
         ([str(tmp_path)], "is not a peftbench run directory"),
         ([str(copy), "--to", "onnx"], "--to onnx: not an export target"),
         ([str(copy), "--quant-type", "Q9_K"], "exporters.0.quant_type"),
-        ([str(copy), "--to", "merged", "--quant-type", "Q8_0"], "--quant-type without a GGUF export"),
+        ([str(copy), "--to", "merged", "--quant-type", "Q8_0"], "--quant-type, and none of the exporters asked for (merged) takes"),
         ([str(copy), "method.r=4"], "override 'method.r=4' is not one `peftbench export` takes"),
         ([str(copy), "model.name=" + str(tmp_path / "no-model")], "model.name"),
         ([str(copy), "--output-dir", str(lora_run)], "is not an empty directory"),
@@ -281,3 +281,21 @@ def test_a_smoke_test_on_the_first_n_examples(lora_run, tmp_path, capsys):
     assert len(read_jsonl(out_dir / "predictions_gguf.jsonl")) == 2
     assert main(["export", str(lora_run), "--to", "gguf", "evaluation.split=test", "--output-dir", str(tmp_path / "no")]) == 2
     assert "evaluation.max_samples=N" in capsys.readouterr().out and not (tmp_path / "no").exists()
+
+
+def test_export_targets_come_from_the_exporter_plugins_not_from_core():
+    """`peftbench export` knows no exporter by name: the default is what plugins mark `export_default`, an
+    exporter brings those whose files it reads (`after`), and --quant-type goes to exporters that take one."""
+    from peftbench.errors import PeftbenchError
+    from peftbench.pipeline.export_run import exporters_to_run
+
+    def names(to, quant_types=None):
+        return [p.name for p in exporters_to_run(to, quant_types)]
+
+    assert names(None) == ["gguf"]
+    assert names(["ollama"]) == ["gguf", "ollama"]
+    assert names(["merged", "ollama"], ["Q8_0"]) == ["merged", "gguf", "ollama"]
+    with pytest.raises(PeftbenchError, match="none of the exporters asked for \\(merged\\) takes a quantisation type"):
+        exporters_to_run(["merged"], ["Q8_0"])
+    with pytest.raises(PeftbenchError, match="--to gguff: not an export target"):
+        exporters_to_run(["gguff"], None)

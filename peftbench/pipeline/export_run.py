@@ -26,7 +26,6 @@ from peftbench.files import atomic_directory, atomic_write_text
 from peftbench.pipeline.environment import cpu_description
 from peftbench.pipeline.record import ExportAfterRun, ExportRecord, RunRecord
 
-EXPORT_TARGETS = ("merged", "gguf", "ollama")
 # Recipe keys that say where things are on this machine, not what was trained: an export on another
 # machine may point them elsewhere (`model.name=/models/llama`).
 LOCATION_KEYS = ("model.name", "model.gguf_file", "model.revision", "dataset.path")
@@ -63,27 +62,16 @@ def export_recipe(run_dir: Path, to: list[str], quant_types: list[str] | None, o
     """The run's resolved recipe with the exporters asked for: options from the run's recipe where it
     listed the exporter, the smoke test on, --quant-type and NAME.key=value overrides on top; validated
     as `peftbench run` validates (unknown type, a method that cannot merge: one line)."""
-    from peftbench.errors import did_you_mean
     from peftbench.pipeline.recipe import apply_overrides, read_recipe_file, validate_recipe
 
-    unknown = [t for t in to if t not in EXPORT_TARGETS]
-    if unknown:
-        raise PeftbenchError(f"--to {unknown[0]}: not an export target.{did_you_mean(unknown[0], EXPORT_TARGETS)}",
-                             f"use one or more of: {', '.join(EXPORT_TARGETS)}.")
-    wanted = set(to) | ({"gguf"} if "ollama" in to else set())  # the Modelfile is written beside the GGUF
-    if quant_types and "gguf" not in wanted:
-        raise PeftbenchError("--quant-type without a GGUF export.", "add --to gguf (or ollama).")
     raw = read_recipe_file(run_dir / "recipe.yaml")
     previous = {ref.get("name"): ref for ref in raw.get("exporters") or [] if isinstance(ref, dict)}
     exporters = []
-    for name in EXPORT_TARGETS:  # the order the exporters read each other's files in
-        if name in wanted:
-            ref = {**previous.get(name, {}), "name": name}
-            if name == "gguf":
-                ref["smoke"] = True  # the point of exporting a finished run: check it against the run's HF answers
-                if quant_types:
-                    ref["quant_type"] = list(quant_types) if len(quant_types) > 1 else quant_types[0]
-            exporters.append(ref)
+    for plugin in exporters_to_run(to, quant_types):
+        ref = {**previous.get(plugin.name, {}), "name": plugin.name, **plugin.after_run_options}
+        if quant_types and "quant_type" in plugin.Options.model_fields:
+            ref["quant_type"] = list(quant_types) if len(quant_types) > 1 else quant_types[0]
+        exporters.append(ref)
     raw["exporters"] = exporters
     positions = {ref["name"]: i for i, ref in enumerate(exporters)}
     translated = []
@@ -102,6 +90,37 @@ def export_recipe(run_dir: Path, to: list[str], quant_types: list[str] | None, o
                 "or for a 4-bit method which weights to merge into: method.merge_into=original|nf4_roundtrip, "
                 "or a smoke test on the first N of the run's examples: evaluation.max_samples=N.")
     return validate_recipe(apply_overrides(raw, translated), source=str(run_dir / "recipe.yaml"))
+
+
+def exporters_to_run(to: list[str] | None, quant_types: list[str] | None) -> list:
+    """The exporter plugins `--to` names (default: those that declare ``export_default``), with the exporters
+    whose files they read (``after``), in the order given except that each comes after those it reads."""
+    from peftbench.errors import did_you_mean
+    from peftbench.host import get_host
+
+    registry = get_host().exporters
+    names = registry.names()
+    unknown = [t for t in to or [] if t not in names]
+    if unknown:
+        raise PeftbenchError(f"--to {unknown[0]}: not an export target.{did_you_mean(unknown[0], names)}",
+                             f"use one or more of: {', '.join(names)}.")
+    wanted = list(to or [n for n in names if registry.get(n).export_default])
+    for name in wanted:  # grows while it is walked: what each wanted exporter reads is wanted too
+        wanted += [n for n in registry.get(name).after if n not in wanted]
+    ordered: list[str] = []
+    while len(ordered) < len(wanted):
+        ordered += [n for n in wanted if n not in ordered
+                    and all(a in ordered for a in registry.get(n).after)][:1] or _cycle(wanted, ordered)
+    plugins = [registry.get(n) for n in ordered]
+    if quant_types and not any("quant_type" in p.Options.model_fields for p in plugins):
+        raise PeftbenchError(f"--quant-type, and none of the exporters asked for ({', '.join(ordered)}) takes a "
+                             "quantisation type.", "add --to with an exporter that quantises (gguf, or ollama).")
+    return plugins
+
+
+def _cycle(wanted: list[str], ordered: list[str]) -> list[str]:
+    raise PeftbenchError(f"exporters {', '.join(n for n in wanted if n not in ordered)} each wait for another's files.",
+                         "fix the exporter plugins' `after`.")
 
 
 def require_new_directory(target: Path) -> None:
@@ -124,13 +143,13 @@ def copy_run(source: Path, target: Path) -> Path:
     return target
 
 
-def export_run(run_dir: str | Path, *, to: list[str] = ("gguf",), quant_types: list[str] | None = None,
+def export_run(run_dir: str | Path, *, to: list[str] | None = None, quant_types: list[str] | None = None,
                output_dir: str | Path | None = None, overrides: list[str] = (), command: str | None = None) -> dict:
     """Export a finished run; returns its run.json as written (into the run directory or ``output_dir``)."""
     source = require_finished_run(Path(run_dir))
     if output_dir:
         require_new_directory(Path(output_dir))
-    recipe = export_recipe(source, list(to), quant_types, list(overrides))
+    recipe = export_recipe(source, list(to) if to else None, quant_types, list(overrides))
     policy, model_source, tokenizer, examples = what_the_export_reads(recipe, source)
 
     target = copy_run(source, Path(output_dir)) if output_dir else source

@@ -7,28 +7,31 @@ from pathlib import Path
 from rich.table import Table
 
 from peftbench.console import console
+from peftbench.host import get_host
 from peftbench.files import human_bytes
 from peftbench.pipeline.environment import versions
 from peftbench.pipeline.evaluation import ROUGE_CONVENTION, ROUGE_TYPES
 from peftbench.pipeline.record import DatasetInfo, MetaInfo, RunRecord, Scores, Stage, SystemInfo, TrainInfo
 
 
-# Rows of the ROUGE table, in pipeline order: eval key -> label.
-EVAL_LABELS = {"baseline": "base model", "finetuned": "fine-tuned", "gguf_unquantized": "GGUF", "gguf": "GGUF"}
+# Rows of the ROUGE table for the HF model; exporters' scores (eval.<key>) follow, labelled by their plugin.
+EVAL_LABELS = {"baseline": "base model", "finetuned": "fine-tuned"}
 
 
 def rouge_rows(record: RunRecord) -> list[tuple[str, list[str]]]:
-    """(label, [rouge1, rouge2, rougeL, rougeLsum, n]) for each evaluated model, in pipeline order."""
+    """(label, [rouge1, rouge2, rougeL, rougeLsum, n]) for each evaluated model, in pipeline order: the base model,
+    the fine-tuned one and the change, then what exporters scored (labelled by ``peftbench_score_label``)."""
     rows, evals = [], record.eval
     for key, label in EVAL_LABELS.items():
-        scores = evals.get(key)
-        if scores is not None:
-            if key.startswith("gguf"):  # the GGUF scores sit under the HF ones, labelled with their type
-                label = f"{label} {scores.info.get('quant_type', '')} (llama.cpp)".replace("  ", " ")
+        if (scores := evals.get(key)) is not None:
             rows.append((label, _rouge_cells(scores)))
-        base, tuned = evals.get("baseline"), evals.get("finetuned")
-        if key == "finetuned" and base and tuned:
-            rows.append(("change", [f"{tuned.rouge(k) - base.rouge(k):+.2f}" for k in ROUGE_TYPES] + [""]))
+    base, tuned = evals.get("baseline"), evals.get("finetuned")
+    if base and tuned:
+        rows.append(("change", [f"{tuned.rouge(k) - base.rouge(k):+.2f}" for k in ROUGE_TYPES] + [""]))
+    for key, scores in evals.items():
+        if key not in EVAL_LABELS and not key.startswith("finetuned["):
+            label = get_host().pm.hook.peftbench_score_label(key=key, scores=scores) or key
+            rows.append((label, _rouge_cells(scores)))
     for key, scores in evals.items():
         if key.startswith("finetuned["):  # `peftbench evaluate`: the same adapter scored with other settings
             split = scores.settings.split if scores.settings else None
@@ -59,8 +62,6 @@ def export_lines(record: RunRecord) -> list[str]:
 def plugin_sections(record: RunRecord) -> list[str]:
     """What plugins add to a run's report (``peftbench_run_report_sections``, given the typed record),
     below its exports."""
-    from peftbench.host import get_host
-
     return [line for lines in get_host().pm.hook.peftbench_run_report_sections(record=record) for line in lines]
 
 
@@ -155,8 +156,6 @@ def print_run_summary(record: RunRecord, run_dir: Path) -> None:
 
 def print_plugin_summaries(record: RunRecord) -> None:
     """What plugins print of a run's or an export's results (``peftbench_print_run_summary``, given the typed record)."""
-    from peftbench.host import get_host
-
     get_host().pm.hook.peftbench_print_run_summary(record=record)
 
 

@@ -46,6 +46,14 @@ def peftbench_run_report_sections(record):
 
 
 @hookimpl
+def peftbench_score_label(key, scores):
+    """The gguf exporter's rows of the ROUGE table: under the HF ones, labelled with their type."""
+    if key in ("gguf", "gguf_unquantized"):
+        return f"GGUF {scores.info.get('quant_type', '')} (llama.cpp)".replace("  ", " ")
+    return None
+
+
+@hookimpl
 def peftbench_comparison_report_sections(records):
     from peftbench_plugins.gguf.report import comparison_lines
 

@@ -58,6 +58,8 @@ class GgufExporter(ExporterPlugin):
     name = "gguf"
     Options = GgufOptions
     requires = ("mergeable",)  # llama.cpp converts the standard checkpoint a merge leaves
+    export_default = True  # `peftbench export RUN` writes a GGUF
+    after_run_options = {"smoke": True}  # the point of exporting a finished run: check it against the run's HF answers
 
     def estimated_bytes(self, options: GgufOptions, ctx) -> int:
         """The merged checkpoint (in the evaluated dtype, unless already written), the converter's
@@ -82,7 +84,8 @@ class GgufExporter(ExporterPlugin):
             start = time.perf_counter()
             unquantized_scores, smoke_problems = smoke_in_run(unquantized, ctx, options.margin, f"gguf {options.convert_type}")
             if unquantized_scores:
-                scores["gguf_unquantized"] = {**unquantized_scores, "quant_type": options.convert_type.upper()}
+                # first in eval, so the report lists the unquantised GGUF above the quantised ones
+                scores = {"gguf_unquantized": {**unquantized_scores, "quant_type": options.convert_type.upper()}, **scores}
             times[f"smoke_{options.convert_type}_s"] = round(time.perf_counter() - start, 2)
             problems += smoke_problems
         if not options.keep_unquantized and f"gguf_{options.convert_type}" in files:
