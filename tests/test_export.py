@@ -10,6 +10,7 @@ that, which tests the mechanics (template, tokenisation, stop tokens, agreement 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -200,6 +201,21 @@ def test_smoke_in_the_run_matches_the_hf_model(scripted_run):
     assert {row["prediction"] for row in read_jsonl(run_dir / "predictions_gguf.jsonl")} == {SCRIPTED_WORD}
     report = (run_dir / "report.md").read_text()
     assert "| GGUF Q4_K_M (llama.cpp) |" in report and "model-Q4_K_M.gguf" in report
+    # The forgetting probe on the run's GGUF: the same texts as the HF probe, in eval.gguf beside the smoke test.
+    assert len(gguf["forgetting_per_text"]) == record["forgetting"]["n_texts"] == 40
+    assert math.isfinite(gguf["forgetting_loss"]) and gguf["forgetting_tokens"] > 0
+    assert "forgetting_s" in record["exports"]["gguf"]["times"]
+    assert f"GGUF Q4_K_M general-text loss (llama.cpp, same texts): {gguf['forgetting_loss']:.4f}" in report
+
+
+def test_gguf_forgetting_without_a_smoke_test_is_the_exporters_and_near_the_hf_models(random_run):
+    """No smoke test: the figures go to exports.gguf; the Q4_K_M file's loss is close to the fine-tuned HF model's."""
+    run_dir, record = random_run
+    figures, tuned = record["exports"]["gguf"], record["forgetting"]["finetuned"]
+    assert "gguf" not in record["eval"] and "base" not in record["forgetting"]  # evaluation.baseline is off
+    assert len(figures["forgetting_per_text"]) == 40
+    assert figures["forgetting_loss"] == pytest.approx(tuned["loss"], rel=0.05)
+    assert "GGUF Q4_K_M general-text loss" in (run_dir / "report.md").read_text()
 
 
 def test_smoke_command_passes_on_a_faithful_gguf(scripted_run, tiny_data_dir, capsys):

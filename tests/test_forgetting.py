@@ -50,3 +50,47 @@ def test_loss_falls_on_texts_the_model_was_trained_on_and_training_mode_is_kept(
         optimiser.step()
     after = text_loss(model, tokenizer, texts)
     assert after.per_text[0] < before.per_text[0] - 0.5
+
+
+@pytest.mark.parametrize("peft_type", ["prefix", "prompt"])
+def test_prompt_learning_models_are_scored_on_the_texts_own_tokens(tiny_model_dir, peft_type):
+    """A peft prompt-learning model: prefix tuning adds past key/values, prompt tuning prepends virtual
+    tokens to the logits; either way each text is scored on its own tokens, and an untrained prefix or
+    prompt changes the loss (it is part of the model)."""
+    import torch
+    from peft import PrefixTuningConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    texts = load_texts(limit=2)
+    plain = text_loss(base, tokenizer, texts)
+    config = (PrefixTuningConfig if peft_type == "prefix" else PromptTuningConfig)(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    model = get_peft_model(base, config)
+    tuned = text_loss(model, tokenizer, texts)
+    assert tuned.tokens == plain.tokens and len(tuned.per_text) == 2
+    assert all(math.isfinite(x) for x in tuned.per_text) and tuned.per_text != plain.per_text
+
+
+def test_paired_change_is_the_standard_error_of_the_per_text_differences():
+    from peftbench.pipeline.forgetting import paired_change
+
+    assert paired_change([1.0, 2.0, 3.0], [1.5, 2.0, 3.5]) == pytest.approx(math.sqrt(1 / 12) / math.sqrt(3))
+    assert paired_change([1.0], [2.0]) is None and paired_change([1.0, 2.0], [1.0]) is None
+
+
+def test_a_llama_cpp_failure_in_the_gguf_probe_is_a_note(monkeypatch):
+    from types import SimpleNamespace
+
+    from peftbench_plugins.gguf import forgetting
+
+    def crashes(gguf, texts):
+        raise RuntimeError("llama.cpp crashed")
+
+    monkeypatch.setattr(forgetting, "gguf_text_loss", crashes)
+    evaluation = SimpleNamespace(forgetting=True, forgetting_texts=None)
+    ctx = SimpleNamespace(recipe=SimpleNamespace(recipe=SimpleNamespace(evaluation=evaluation)))
+    assert forgetting.forgetting_in_run("model.gguf", ctx) == {"forgetting_note": "not scored (RuntimeError: llama.cpp crashed)"}
+    evaluation.forgetting = False
+    assert forgetting.forgetting_in_run("model.gguf", ctx) == {}

@@ -249,6 +249,7 @@ def run_metrics(record: RunRecord) -> dict[str, float]:
         "tokens_per_second": train.tokens_per_second,
         "peak_memory": train.accelerator_memory_max,
         "eval_time": tuned.eval_time_s if tuned else None,
+        "forgetting_change": record.forgetting.change if record.forgetting is not None else None,
     }
     for key in ROUGE_TYPES:
         out[key] = tuned.rouge(key) if tuned else None
@@ -311,6 +312,22 @@ def _columns() -> list[Column]:
                lambda s: human_bytes(s.mean)),
         Column("eval time", "eval_time", "min", lambda g: _spread(g.stats["eval_time"], ".1f") + " s", _num(".1f")),
     ]
+    return cols
+
+
+FORGETTING_COLUMN = Column("general-text loss change", "forgetting_change", "min",
+                           lambda g: _signed_spread(g.stats["forgetting_change"]), _num("+.4f"))
+
+
+def _signed_spread(stat: Stat) -> str:
+    return format(stat.mean, "+.4f") + (f" ± {stat.std:.4f}" if stat.std is not None else "")
+
+
+def _columns_for(groups: list[Group]) -> list[Column]:
+    """The table's columns; the forgetting probe's only when some run recorded its change."""
+    cols = _columns()
+    if any("forgetting_change" in g.stats for g in groups):
+        cols.append(FORGETTING_COLUMN)
     return cols
 
 
@@ -578,7 +595,10 @@ def render_markdown(runs: list[Run], *, title: str, command: str = "", plots: li
         ROUGE_CONVENTION,
         "",
     ]
-    lines += _table(groups, _columns()) + [""]
+    if any("forgetting_change" in g.stats for g in groups):
+        lines[-1:-1] = ["General-text loss change: the fine-tuned model's language-modelling loss on general text minus the",
+                        "base model's (nats per token; positive: forgetting), mean over seeds."]
+    lines += _table(groups, _columns_for(groups)) + [""]
     lines += _plugin_sections(runs)
     if any(g.grid for g in groups) or any(len(g.ok_runs) > 1 for g in groups):
         lines += ["## Ranking by ROUGE-1", "",

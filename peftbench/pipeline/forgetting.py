@@ -64,7 +64,8 @@ def text_loss(model, tokenizer, texts: list[str]) -> TextLoss:
     with torch.no_grad():
         for ids in _encode(tokenizer, texts):  # one at a time: no padding to mask, and the texts are few and short
             input_ids = torch.tensor([ids], device=device)
-            logits = model(input_ids=input_ids).logits[0, :-1].float()
+            # the last len(ids) positions: prompt tuning prepends virtual tokens to the logits
+            logits = model(input_ids=input_ids).logits[0, -len(ids):-1].float()
             losses = torch.nn.functional.cross_entropy(logits, input_ids[0, 1:], reduction="none")
             per_text.append(float(losses.mean()))
             total += float(losses.sum())
@@ -77,3 +78,14 @@ def _encode(tokenizer, texts: list[str]) -> list[list[int]]:
     """Token ids of each text with the tokenizer's beginning-of-sequence token, if it has one."""
     bos = [tokenizer.bos_token_id] if tokenizer.bos_token_id is not None else []
     return [(bos + tokenizer(text, add_special_tokens=False)["input_ids"])[:MAX_TEXT_TOKENS] for text in texts]
+
+
+def paired_change(base: list[float], finetuned: list[float]) -> float | None:
+    """Standard error of the change in loss, paired text by text: the standard deviation (n - 1) of the
+    per-text differences over sqrt(n); None for fewer than two texts or texts that do not pair."""
+    n = len(base)
+    if n < 2 or len(finetuned) != n:
+        return None
+    diffs = [b - a for a, b in zip(base, finetuned)]
+    mean = sum(diffs) / n
+    return math.sqrt(sum((d - mean) ** 2 for d in diffs) / (n - 1)) / math.sqrt(n)

@@ -60,6 +60,10 @@ class EvaluationSection(Section):
     max_new_tokens: int = Field(64, gt=0, description="summary length limit when generating")
     baseline: bool = Field(True, description="also score the base model with the same prompt")
     num_beams: int = Field(1, gt=0, description="1: greedy decoding; more: beam search with that many beams")
+    forgetting: bool = Field(True, description="also score the language-modelling loss on general text before and after "
+                             "fine-tuning (what fine-tuning costs outside the task; 40 short paragraphs, cheap)")
+    forgetting_texts: str | None = Field(None, description="a JSONL file of {\"text\": ...} lines for the forgetting probe; "
+                                         "unset: the built-in general-knowledge paragraphs")
 
     @field_validator("batch_size")
     @classmethod
@@ -375,6 +379,9 @@ def _check_paths(raw: dict) -> list[str]:
     path = _section(raw, "dataset").get("path")
     if isinstance(path, str) and looks_like_path(path) and not _exists(path):
         problems.append(f"dataset.path: '{path}' does not exist")
+    texts = _section(raw, "evaluation").get("forgetting_texts")
+    if isinstance(texts, str) and not Path(texts).expanduser().is_file():
+        problems.append(f"evaluation.forgetting_texts: '{texts}' is not a file (name a JSONL file of {{\"text\": ...}} lines)")
     return problems
 
 

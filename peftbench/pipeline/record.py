@@ -282,6 +282,28 @@ class ExportRecord(_Section):
         return dict(self.model_extra or {})
 
 
+class TextLossRecord(_Section):
+    """One model's language-modelling loss on the forgetting probe's general texts (``pipeline/forgetting.py``)."""
+
+    loss: float = Field(description="mean negative log-likelihood per token over all texts (token-weighted), nats")
+    perplexity: float = Field(description="exp(loss)")
+    tokens: int = Field(description="tokens scored (each text's tokens after the first)")
+    per_text: list[float] = Field(default_factory=list, description="each text's own mean loss per token, in the texts' order")
+
+
+class Forgetting(_Section):
+    """What fine-tuning costs outside the task: the loss on general text before and after fine-tuning."""
+
+    texts: str = Field(description="the texts scored: 'built-in' (peftbench/data/general) or the JSONL file the recipe named")
+    n_texts: int = Field(description="how many texts were scored")
+    base: TextLossRecord | None = _field("the base model's loss (None when the baseline was not scored)")
+    finetuned: TextLossRecord | None = _field("the fine-tuned model's loss")
+    change: float | None = _field("finetuned.loss - base.loss (positive: the model got worse at general text)")
+    change_se: float | None = _field(
+        "paired standard error of the change over texts: std of the per-text differences / sqrt(number of texts)")
+    notes: list[str] = Field(default_factory=list, description="why a loss is missing (the probe failed or was skipped)")
+
+
 # --- the record ------------------------------------------------------------------------------------------
 
 
@@ -297,6 +319,8 @@ class RunRecord(BaseModel):
     eval: dict[str, Scores] = Field(
         default_factory=dict, description="baseline, finetuned, finetuned[<settings>], and what exporters scored")
     exports: dict[str, ExportRecord] = Field(default_factory=dict, description="exporter name -> what it wrote")
+    forgetting: Forgetting | None = _field(
+        "the language-modelling loss on general text before and after fine-tuning (evaluation.forgetting)")
 
     @classmethod
     def new(cls, recipe_dict: dict, experiment_name: str) -> "RunRecord":

@@ -76,6 +76,7 @@ def markdown_table(header, rows: list[list[str]], text_columns: int = 1) -> list
 def render_run_report(record: RunRecord) -> str:
     """report.md of one run."""
     lines = _summary_lines(record)
+    lines += forgetting_lines(record)
     lines += export_lines(record)
     lines += plugin_sections(record)
     lines += _training_lines(record.train_info)
@@ -98,6 +99,22 @@ def _summary_lines(record: RunRecord) -> list[str]:
     ]
     lines += [f"| {label} | " + " | ".join(vals) + " |" for label, vals in rouge_rows(record)]
     return lines + ["", ROUGE_CONVENTION]
+
+
+def forgetting_lines(record: RunRecord) -> list[str]:
+    """Markdown: the loss on general text before and after fine-tuning (none for a record without it)."""
+    forgetting = record.forgetting
+    if forgetting is None:
+        return []
+    rows = [[label, f"{tl.loss:.4f}", f"{tl.perplexity:.2f}", str(tl.tokens)]
+            for label, tl in (("base model", forgetting.base), ("fine-tuned", forgetting.finetuned)) if tl is not None]
+    if forgetting.change is not None:
+        se = f" ± {forgetting.change_se:.4f}" if forgetting.change_se is not None else ""
+        rows.append(["change", f"{forgetting.change:+.4f}{se}", "", ""])
+    lines = ["", f"Forgetting: language-modelling loss (nats per token) on {forgetting.n_texts} general texts "
+             f"({forgetting.texts}), outside the task; the change is paired text by text (± standard error).", ""]
+    lines += markdown_table(["model", "general-text loss", "perplexity", "tokens"], rows)
+    return lines + ([""] + [f"- {note}" for note in forgetting.notes] if forgetting.notes else [])
 
 
 def _training_lines(train: TrainInfo) -> list[str]:

@@ -24,9 +24,11 @@ from peftbench.pipeline.context import RunContext
 from peftbench.pipeline.device import resolve_policy
 from peftbench.pipeline.environment import package_versions, system_info
 from peftbench.pipeline.evaluation import evaluate_model
+from peftbench.pipeline.forgetting import load_texts, paired_change, text_loss
 from peftbench.pipeline.modeling import load_tokenizer, resolve_model_source
 from peftbench.pipeline.recipe import ResolvedRecipe
-from peftbench.pipeline.record import (DatasetInfo, ExportRecord, MetaInfo, RunRecorder, Scores, SystemInfo, TrainInfo,
+from peftbench.pipeline.record import (DatasetInfo, ExportRecord, Forgetting, MetaInfo, RunRecorder, Scores, SystemInfo,
+                                       TextLossRecord, TrainInfo,
                                        default_run_dir as run_dir_for, memory_summary, peft_config_record,
                                        peft_test_summary, read_record, recorded_status)
 from peftbench.pipeline.report import print_run_summary, render_run_report
@@ -300,6 +302,7 @@ def evaluate_baseline(ctx: RunContext) -> None:
             baseline = evaluate_with_progress("baseline", ctx.base_model, ctx.tokenizer, ctx.recipe, ctx.eval_dataset)
             ctx.record.eval["baseline"] = Scores.model_validate(baseline.as_record())
             _write_predictions(ctx.run_dir / "predictions_baseline.jsonl", ctx.eval_dataset, baseline.predictions)
+            probe_forgetting(ctx, "base", ctx.base_model)  # before the method wraps (and may change) the base model
     ctx.processes.wait_for_everyone()  # the others wait while the main process scores the base model
 
 
@@ -366,6 +369,31 @@ def evaluate_finetuned(ctx: RunContext) -> None:
         record.eval["finetuned"] = Scores.model_validate(finetuned.as_record())
         record.train_info.metrics.append(peft_test_summary(record, train_rows=ctx.train_rows))
         _write_predictions(ctx.run_dir / "predictions_finetuned.jsonl", ctx.eval_dataset, finetuned.predictions)
+        probe_forgetting(ctx, "finetuned", ctx.model)
+
+
+def probe_forgetting(ctx: RunContext, which: str, model) -> None:
+    """The loss of ``model`` on general text as ``forgetting.<which>`` (base or finetuned), and the change
+    once both are there. A model the probe cannot score gets a note in the record; the run goes on."""
+    evaluation = ctx.recipe.recipe.evaluation
+    if not evaluation.forgetting:
+        return
+    forgetting = ctx.record.forgetting = ctx.record.forgetting or Forgetting(
+        texts=evaluation.forgetting_texts or "built-in", n_texts=0)
+    try:
+        texts = load_texts(evaluation.forgetting_texts)
+        loss = text_loss(model, ctx.tokenizer, texts)
+    except Exception as e:  # a method whose forward the probe cannot drive: a note, not a failed run
+        forgetting.notes.append(f"{which}: not scored ({type(e).__name__}: {e})")
+        console.print(f"[yellow]note:[/] forgetting probe of the {which} model skipped: {type(e).__name__}: {e}")
+        return
+    forgetting.n_texts = len(texts)
+    setattr(forgetting, which, TextLossRecord(loss=loss.loss, perplexity=loss.perplexity, tokens=loss.tokens,
+                                              per_text=loss.per_text))
+    if forgetting.base is not None and forgetting.finetuned is not None:
+        forgetting.change = forgetting.finetuned.loss - forgetting.base.loss
+        forgetting.change_se = paired_change(forgetting.base.per_text, forgetting.finetuned.per_text)
+    console.print(f"general-text loss ({which}): {loss.loss:.4f} (perplexity {loss.perplexity:.2f}, {len(texts)} texts)")
 
 
 def export(ctx: RunContext) -> None:

@@ -18,6 +18,7 @@ from pydantic import Field, field_validator
 from peftbench.api import ExporterPlugin, ExportResult, Options
 from peftbench.kit import console, merged_checkpoint, merged_model_bytes
 from peftbench_plugins.gguf.convert import check_gguf, convert, quantize
+from peftbench_plugins.gguf.forgetting import forgetting_in_run
 from peftbench_plugins.gguf.smoke import smoke_in_run, smoke_summary
 
 # llama.cpp file types (llama-quantize's names). IQ1/IQ2 types and Q2_K_S need an importance
@@ -78,6 +79,11 @@ class GgufExporter(ExporterPlugin):
 
         info: dict = {"quant_type": options.quant_types[0], "merged_from": str(checkpoint), "merge_reused": merge_info["reused"]}
         files, problems, scores, quantizations = self._all_types(options, ctx, unquantized, times, info)
+        start = time.perf_counter()
+        forgetting = forgetting_in_run(files["gguf"], ctx)  # the run's GGUF (the first type) on the general texts
+        if forgetting:
+            (scores["gguf"] if "gguf" in scores else info).update(forgetting)
+            times["forgetting_s"] = round(time.perf_counter() - start, 2)
         if str(unquantized) not in files.values():
             files[f"gguf_{options.convert_type}"] = str(unquantized)
         if options.smoke_unquantized and str(unquantized) != files["gguf"]:

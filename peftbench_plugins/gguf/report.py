@@ -22,7 +22,34 @@ from peftbench_plugins.gguf.smoke import smoke_summary
 
 def run_report_lines(record: RunRecord) -> list[str]:
     """The run report's GGUF lines, below the table of exports."""
-    return agreement_lines(record) + quantization_lines(record)
+    return agreement_lines(record) + quantization_lines(record) + forgetting_lines(record)
+
+
+def gguf_forgetting(record: RunRecord) -> dict:
+    """The exporter's forgetting figures for the run's GGUF: in eval.gguf when the smoke test ran, else in
+    exports.gguf (``forgetting_loss`` ... or ``forgetting_note``); {} when the probe did not run."""
+    scores, export = record.eval.get("gguf"), record.exports.get("gguf")
+    for info in (scores.info if scores is not None else {}, export.info if export is not None else {}):
+        if "forgetting_loss" in info or "forgetting_note" in info:
+            return info
+    return {}
+
+
+def forgetting_lines(record: RunRecord) -> list[str]:
+    """The GGUF's loss on the forgetting probe's general texts, beside the HF model's (the run report's
+    Forgetting table); nothing for a record without it."""
+    figures = gguf_forgetting(record)
+    if not figures:
+        return []
+    quant_type = figures.get("quant_type") or (record.exports["gguf"].info.get("quant_type") if "gguf" in record.exports else "")
+    if "forgetting_loss" not in figures:
+        return ["", f"GGUF {quant_type} general-text loss: {figures['forgetting_note']}"]
+    line = (f"GGUF {quant_type} general-text loss (llama.cpp, same texts): {figures['forgetting_loss']:.4f}, "
+            f"perplexity {figures['forgetting_perplexity']:.2f}")
+    tuned = record.forgetting.finetuned if record.forgetting is not None else None
+    if tuned is not None:
+        line += f"; fine-tuned HF model {tuned.loss:.4f} ({figures['forgetting_loss'] - tuned.loss:+.4f})"
+    return ["", line + "."]
 
 
 def agreement_lines(record: RunRecord) -> list[str]:
