@@ -84,3 +84,22 @@ def test_json_folder_holds_one_run_json_per_run(tmp_path):
     assert len(files) == 4
     data = json.loads(files[0].read_text())
     assert {"run_info", "train_info", "meta_info"} <= set(data)
+
+
+def test_json_folder_has_the_fields_peft_method_comparison_reads(tmp_path):
+    """huggingface/peft method_comparison/processing.py reads every *.json of a folder and these fields."""
+    runs = load_runs([_runs(tmp_path / "runs", None, None)])
+    for path in write_json_folder(runs, tmp_path / "json").glob("*.json"):
+        row = json.loads(path.read_text())
+        run, train, meta = row["run_info"], row["train_info"], row["meta_info"]
+        assert train["status"] == "success"
+        for key in ("experiment_name", "total_time", "peft_branch", "created_at", "peft_config"):
+            assert key in run
+        assert "model_id" in run["train_config"]
+        for key in ("accelerator_memory_reserved_avg", "accelerator_memory_max", "accelerator_memory_reserved_99th",
+                    "train_time", "file_size"):
+            assert key in train
+        assert {"test accuracy", "train loss", "train samples", "train total tokens"} <= set(train["metrics"][-1])
+        assert {"peft-version", "transformers-version", "datasets-version", "torch-version",
+                "bitsandbytes-version"} <= set(meta["package_info"])
+        assert "system_info" in meta
