@@ -96,6 +96,15 @@ def _cmd_report(args) -> int:
     command = shlex.join(["peftbench", "report", *args.runs, "-o", args.output])
     path = write_report(args.runs, args.output, command=command)
     console.print(f"Report written to [bold]{escape(str(path))}[/] (plots beside it)")
+    if args.csv or args.json:
+        from peftbench.compare.export import write_csv, write_json_folder
+        from peftbench.compare.report import load_runs
+
+        runs = load_runs(args.runs)
+        if args.csv:
+            console.print(f"One row per run written to [bold]{escape(str(write_csv(runs, args.csv)))}[/]")
+        if args.json:
+            console.print(f"One JSON per run written into [bold]{escape(str(write_json_folder(runs, args.json)))}[/]")
     return 0
 
 
@@ -105,6 +114,11 @@ def _report_parser(sub) -> None:
                                         "best values in bold, plots written beside the Markdown.")
     report.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories, or folders holding them")
     report.add_argument("-o", "--output", required=True, help="Markdown file to write, e.g. reports/NAME.md")
+    report.add_argument("--csv", metavar="FILE", help="also write one row per run (pandas CSV): run, configuration, "
+                        "method, seed, grid values, ROUGE-1/2/L/Lsum, n, trainable params, train time, tokens/s, "
+                        "peak memory, status")
+    report.add_argument("--json", metavar="DIR", help="also write a folder with one JSON per run in the layout of "
+                        "huggingface/peft's method_comparison results (run_info / train_info / meta_info, as run.json)")
     report.set_defaults(func=_cmd_report)
 
 

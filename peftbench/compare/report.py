@@ -20,6 +20,8 @@ from typing import Any, Callable
 from pydantic import ValidationError
 
 from peftbench.errors import PeftbenchError
+from peftbench.compare.paired import BOOTSTRAP_SEED, against, seed_scores
+from peftbench.compare.significance import CONFIDENCE, RESAMPLES, PairedDifference
 from peftbench.files import atomic_write_text, human_bytes
 from peftbench.pipeline.environment import versions
 from peftbench.pipeline.evaluation import ROUGE_CONVENTION, ROUGE_TYPES
@@ -35,6 +37,7 @@ ROUGE_NAMES = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "r
 @dataclass
 class Run:
     record: RunRecord
+    directory: Path | None = None  # where run.json lies (its predictions beside it); None for a record in memory
 
     @property
     def name(self) -> str:
@@ -110,7 +113,7 @@ def load_runs(paths: list[str | Path]) -> list[Run]:
     runs = []
     for run_dir in find_run_dirs(paths):
         try:
-            runs.append(Run(read_record(run_dir)))
+            runs.append(Run(read_record(run_dir), run_dir))
         except ValidationError as e:
             first = e.errors()[0]
             where = ".".join(map(str, first["loc"]))
@@ -373,14 +376,45 @@ def _baseline_row(groups: list[Group]) -> dict[str, str]:
 
 
 def _ranking(groups: list[Group]) -> list[str]:
-    """Configurations by mean ROUGE-1; one whose distance to the best is within the seeds' spread is a tie."""
+    """Configurations by mean ROUGE-1, each after the first against the best: a paired bootstrap over
+    examples and seeds where every run has its predictions, else the seeds' spread (and a note says so)."""
     ranked = sorted((g for g in groups if "rouge1" in g.stats), key=lambda g: (-round(g.stats["rouge1"].mean, 4), g.label))
+    scores = {g.key: seed_scores([r.directory for r in g.ok_runs]) for g in ranked}
     lines = ["| rank | configuration | grid | ROUGE-1 | Δ base | against the best |", "| ---: | --- | --- | ---: | ---: | --- |"]
+    fallback = []
     for i, g in enumerate(ranked, 1):
         grid = ", ".join(f"{k}={v}" for k, v in g.grid.items()) or "—"
         delta = g.stats.get("delta_rouge1")
+        paired = None
+        if g is not ranked[0] and scores[g.key] and scores[ranked[0].key]:
+            paired = against(scores[g.key], scores[ranked[0].key])
+        if g is not ranked[0] and paired is None:
+            fallback.append(g.label)
+        verdict = _paired_verdict(paired) if paired else _against_best(g, ranked[0])
         lines.append(f"| {i} | {g.label} | {grid} | {_spread(g.stats['rouge1'], '.2f')} | "
-                     + (f"{delta.mean:+.2f}" if delta else "—") + f" | {_against_best(g, ranked[0])} |")
+                     + (f"{delta.mean:+.2f}" if delta else "—") + f" | {verdict} |")
+    notes = _ranking_notes(len(ranked) - 1 - len(fallback), fallback)
+    return lines + ([""] + notes if notes else [])
+
+
+def _paired_verdict(paired: PairedDifference) -> str:
+    return f"{paired.describe()}, " + ("tie (interval covers 0)" if paired.tie else
+                                       "worse (interval excludes 0)" if paired.high < 0 else "better (interval excludes 0)")
+
+
+def _ranking_notes(paired: int, fallback: list[str]) -> list[str]:
+    """Under the ranking table: how each kind of verdict was reached."""
+    lines = []
+    if paired:
+        lines.append(f"Paired: the difference to the best in ROUGE-1 points with its {CONFIDENCE:.0%} paired bootstrap "
+                     f"interval ({RESAMPLES} resamples, seed {BOOTSTRAP_SEED}) over the examples both answered (per-example "
+                     "ROUGE-1 F from each run's predictions_finetuned.jsonl) and each configuration's seeds; a tie only "
+                     "where the interval covers 0.")
+    if fallback and paired:
+        lines.append("Without predictions files for every run (" + ", ".join(fallback) + "): the seeds' spread rule above.")
+    elif fallback:
+        lines.append("No predictions files (predictions_finetuned.jsonl) for these runs: the seeds' spread rule above, "
+                     "not a paired interval over examples.")
     return lines
 
 
