@@ -16,19 +16,13 @@ BOOTSTRAP_SEED = 0  # fixed: the same runs always give the same report
 
 
 @functools.lru_cache(maxsize=None)
-def example_rouge1(path: str) -> dict[str, float]:
+def predictions_rouge1(path: str) -> dict[str, float]:
     """id -> ROUGE-1 F (percent) of one predictions file, with the scorer pipeline/evaluation.py uses."""
-    from rouge_score import rouge_scorer
+    from peftbench.pipeline.evaluation import example_rouge1 as score
 
-    from peftbench.pipeline.evaluation import _stemming_tokenizer
-
-    scorer = rouge_scorer.RougeScorer(["rouge1"], tokenizer=_stemming_tokenizer())
-    out = {}
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        if line.strip():
-            row = json.loads(line)
-            out[str(row["id"])] = 100 * scorer.score(row["reference"], row["prediction"])["rouge1"].fmeasure
-    return out
+    rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+    scores = score([row["prediction"] for row in rows], [row["reference"] for row in rows])
+    return {str(row["id"]): value for row, value in zip(rows, scores)}
 
 
 def seed_scores(directories: list[Path | None]) -> list[dict[str, float]] | None:
@@ -39,7 +33,7 @@ def seed_scores(directories: list[Path | None]) -> list[dict[str, float]] | None
         if path is None or not path.is_file():
             return None
         try:
-            out.append(example_rouge1(str(path.resolve())))
+            out.append(predictions_rouge1(str(path.resolve())))
         except (ValueError, KeyError, TypeError):
             return None
     return out or None

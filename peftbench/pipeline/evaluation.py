@@ -57,13 +57,18 @@ def paired_rouge1_change(predictions: list[str], baseline: list[str], references
     0.3-0.4 points on 818 SAMSum dialogues)."""
     import statistics
 
+    diffs = [new - old for new, old in zip(example_rouge1(predictions, references), example_rouge1(baseline, references),
+                                           strict=True)]
+    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
+    return {"change": round(statistics.fmean(diffs), 4), "standard_error": round(se, 4), "n": len(diffs)}
+
+
+def example_rouge1(predictions: list[str], references: list[str]) -> list[float]:
+    """Each example's ROUGE-1 F-measure in percent, scored as ``rouge`` scores (the paired comparisons' unit)."""
     from rouge_score import rouge_scorer
 
     scorer = rouge_scorer.RougeScorer(["rouge1"], tokenizer=_stemming_tokenizer())
-    diffs = [100 * (scorer.score(ref, new)["rouge1"].fmeasure - scorer.score(ref, old)["rouge1"].fmeasure)
-             for new, old, ref in zip(predictions, baseline, references, strict=True)]
-    se = statistics.stdev(diffs) / len(diffs) ** 0.5 if len(diffs) > 1 else float("nan")
-    return {"change": round(statistics.fmean(diffs), 4), "standard_error": round(se, 4), "n": len(diffs)}
+    return [100 * scorer.score(ref, pred)["rouge1"].fmeasure for pred, ref in zip(predictions, references, strict=True)]
 
 
 def _stemming_tokenizer():
