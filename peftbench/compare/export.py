@@ -9,6 +9,7 @@ from pathlib import Path
 
 from peftbench.compare.report import Run, config_label, group_runs, run_metrics
 from peftbench.errors import PeftbenchError
+from peftbench.files import atomic_write_text
 from peftbench.pipeline.evaluation import ROUGE_TYPES
 
 COLUMNS = ["run", "config", "method", "seed", *ROUGE_TYPES, "n", "trainable_params", "train_time_s",
@@ -40,7 +41,7 @@ def write_csv(runs: list[Run], path: str | Path) -> Path:
     frame = pd.DataFrame(rows, columns=COLUMNS[:4] + grid + COLUMNS[4:])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    frame.to_csv(path, index=False)
+    atomic_write_text(path, frame.to_csv(index=False))  # a kill never leaves half a table
     return path
 
 
@@ -52,5 +53,5 @@ def write_json_folder(runs: list[Run], folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     for run in runs:
         name = run.name.replace("/", "--") + ".json"
-        (folder / name).write_text(json.dumps(run.record.as_json(), indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        atomic_write_text(folder / name, json.dumps(run.record.as_json(), indent=2, sort_keys=True) + "\n")
     return folder
